@@ -1,0 +1,1 @@
+"""Separate processes that produce what the service hosts: reward models, references, policies."""
