@@ -1,0 +1,66 @@
+"""The FastAPI application, built by ``create_app(settings)``: nothing happens at import time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+
+from .. import __version__
+from ..config import Settings
+from ..scoring import ScoringService
+from . import errors, routes
+from .metrics import Metrics
+from .middleware import GuardMiddleware
+
+log = logging.getLogger("logand")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+    service = ScoringService(settings, observer=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        metrics.ready.set(1)
+        log.info("ready: %s", ", ".join(service.models))
+        try:
+            yield
+        finally:
+            metrics.ready.set(0)
+            await service.stop(drain=True)
+
+    app = FastAPI(
+        title="logand",
+        version=__version__,
+        description="Reward scoring with transformed (log σ(r − r_ref)) and AND-aggregated utilities.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(routes.router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        metrics.requests.labels(name, str(response.status_code)).inc()
+        metrics.request_seconds.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    if settings.server.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.server.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(GuardMiddleware, api_key=settings.auth.resolved_key(),
+                       max_body_bytes=settings.limits.max_body_bytes)
+    return app

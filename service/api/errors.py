@@ -1,0 +1,55 @@
+"""The one table from service errors to HTTP status, and the handlers that use it."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from .. import errors as e
+from ..protocol import ErrorBody, ErrorResponse
+
+STATUS: dict[type[e.LogandError], int] = {
+    e.InvalidRequest: 422,
+    e.TooLarge: 413,
+    e.Overloaded: 429,
+    e.NotReady: 503,
+    e.BatchTimeout: 504,
+    e.BackendFailure: 500,
+    e.NonFiniteScore: 500,
+}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   details: list | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, field=field, details=details))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(x) for x in loc if x not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(e.LogandError)
+    async def _logand(request: Request, exc: e.LogandError) -> JSONResponse:
+        status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
+        headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
+        return error_response(status, exc.code, exc.message, exc.field, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        details = [{"field": _field(tuple(er.get("loc", ()))), "message": er.get("msg", "")} for er in errs]
+        first = details[0] if details else {"field": "body", "message": "invalid request"}
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        return error_response(422, "invalid_request", f"{first['field']}: {first['message']}{more}",
+                              first["field"], details)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "bad_request"}
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
+                              headers=getattr(exc, "headers", None))

@@ -1,0 +1,64 @@
+"""HTTP routes: thin.  Fetch the service from app.state, call it, return its wire type."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from .. import protocol as p
+from ..errors import NotReady
+from ..scoring import ScoringService
+from .errors import error_response
+
+router = APIRouter()
+ERRORS = {
+    401: {"model": p.ErrorResponse, "description": "missing or wrong API key"},
+    413: {"model": p.ErrorResponse, "description": "over a size limit"},
+    422: {"model": p.ErrorResponse, "description": "invalid input; `field` names it"},
+    429: {"model": p.ErrorResponse, "description": "queue full; retry after Retry-After seconds"},
+    503: {"model": p.ErrorResponse, "description": "not ready (loading or shutting down)"},
+}
+
+
+def _service(request: Request) -> ScoringService:
+    return request.app.state.service
+
+
+@router.post("/v1/score", response_model=p.ScoreResponse, responses=ERRORS, tags=["scoring"])
+async def score(req: p.ScoreRequest, request: Request) -> p.ScoreResponse:
+    """Raw reward, reference, transformed utility and p(good) per model, and the aggregate, per item."""
+    return await _service(request).score(req)
+
+
+@router.post("/v1/utility", response_model=p.UtilityResponse, responses=ERRORS, tags=["scoring"])
+async def utility(req: p.UtilityRequest, request: Request) -> p.UtilityResponse:
+    """The same utility math on rewards the caller already has (no model call)."""
+    return _service(request).utility(req)
+
+
+@router.get("/v1/models", response_model=p.ModelsResponse, tags=["info"])
+async def models(request: Request) -> p.ModelsResponse:
+    svc = _service(request)
+    return p.ModelsResponse(models=svc.model_infos(), default_models=svc.settings.default_model_names,
+                            default_method=svc.settings.default_method)  # type: ignore[arg-type]
+
+
+@router.get("/health", tags=["ops"])
+async def health() -> dict[str, str]:
+    """The process is alive (liveness)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", tags=["ops"], responses={503: {"model": p.ErrorResponse}})
+async def ready(request: Request) -> JSONResponse:
+    """Models loaded and warmed, and not shutting down (readiness)."""
+    svc = _service(request)
+    if not svc.ready:
+        exc = NotReady("shutting down" if svc.draining else "models are loading")
+        return error_response(503, exc.code, exc.message, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ready", "models": list(svc.models)})
+
+
+@router.get("/metrics", tags=["ops"], include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

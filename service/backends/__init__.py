@@ -1,0 +1,38 @@
+"""Model backends behind one small interface (:class:`Backend`): torch and onnxruntime."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import ModelConfig
+from .base import Backend, BackendInfo, pad_batch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Backend", "BackendInfo", "load_backend", "pad_batch"]
+
+
+def load_backend(cfg: ModelConfig, base_dir: Path | None, threads: int | None = None) -> Backend:
+    """Build the backend a model's config asks for.  Raises ModelLoadError naming the model."""
+    from ..modelpath import resolve_model_path
+    from .modeling import ModelLoadError, resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    overrides = dict(style=cfg.style, max_length=cfg.max_length, chat_template=cfg.chat_template,
+                     append_eos=cfg.append_eos)
+    try:
+        if cfg.backend == "onnx":
+            from .onnx_backend import OnnxBackend
+
+            return OnnxBackend(resolve_model_path(cfg.path, base_dir), device=device, threads=threads, **overrides)
+        from .modeling import load_reward_model
+        from .torch_backend import TorchBackend
+
+        dtype = resolve_dtype(cfg.dtype, device)
+        loaded = load_reward_model(cfg.path, dtype, device, base_dir, cfg.trust_remote_code)
+        return TorchBackend(loaded, dtype, device, **overrides)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model {cfg.name!r}: {exc}") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"model {cfg.name!r}: {type(exc).__name__}: {exc}") from exc
