@@ -194,13 +194,28 @@ class ModelQueue:
         encoded = [it.encoded for it in batch]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        started_evt = asyncio.Event()
+
+        def forward() -> list[float]:
+            loop.call_soon_threadsafe(started_evt.set)
+            return self._score(encoded)
+
+        job = loop.run_in_executor(self._executor, forward)
         try:
-            scores = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._score, encoded), self.policy.batch_timeout_s
-            )
+            # The timeout counts from the moment the forward starts, not while it waits for the
+            # device's thread (another model's batch may be running there).
+            waiter = asyncio.ensure_future(started_evt.wait())
+            await asyncio.wait({job, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            started = time.perf_counter()
+            scores = await asyncio.wait_for(asyncio.shield(job), self.policy.batch_timeout_s)
             if len(scores) != len(batch):
                 raise RuntimeError(f"backend returned {len(scores)} scores for {len(batch)} items")
         except asyncio.TimeoutError:
+            # The stuck thread cannot be killed; later batches get a fresh one so the model
+            # keeps serving, and the stuck one is dropped when (if) it returns.
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{self.name}")
+            job.add_done_callback(lambda f: f.exception())  # consume its eventual result
             self._fail(batch, BatchTimeout(
                 f"model {self.name!r}: forward pass exceeded {self.policy.batch_timeout_s:g}s"))
             return

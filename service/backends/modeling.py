@@ -108,7 +108,12 @@ class LoadedModel:
         return "decoder" if is_decoder(self.model) else "encoder"
 
     def uses_token_types(self) -> bool:
-        return "token_type_ids" in getattr(self.tokenizer, "model_input_names", []) and not is_decoder(self.model)
+        """Segment ids matter for encoders trained with them (BERT: type_vocab_size 2)."""
+        return uses_token_types(self.model)
+
+
+def uses_token_types(model: nn.Module) -> bool:
+    return getattr(model.config, "type_vocab_size", 0) > 1 and not is_decoder(model)
 
 
 def _from_pretrained(path: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
