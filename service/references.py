@@ -73,8 +73,13 @@ class ResponsesReference(ReferenceProvider):
         keys = [prompt_key(p) for p in prompts]
         todo: dict[str, Prompt] = {}
         waits: dict[str, asyncio.Future[float]] = {}
+        out: dict[str, float] = {}
         for key, prompt in zip(keys, prompts):
-            if key in self._cache or key in todo or key in waits:
+            if key in out or key in todo or key in waits:
+                continue
+            if key in self._cache:
+                out[key] = self._cache[key]
+                self._cache.move_to_end(key)
                 continue
             if key in self._inflight:  # another request is already computing it
                 waits[key] = self._inflight[key]
@@ -90,6 +95,7 @@ class ResponsesReference(ReferenceProvider):
                 k = len(self.responses)
                 for i, key in enumerate(todo):
                     value = math.fsum(rewards[i * k : (i + 1) * k]) / k
+                    out[key] = value
                     self._store(key, value)
                     mine[key].set_result(value)
             except BaseException as exc:
@@ -101,10 +107,9 @@ class ResponsesReference(ReferenceProvider):
             finally:
                 for key in mine:
                     self._inflight.pop(key, None)
-        out: dict[str, float] = {}
         for key, fut in waits.items():
             out[key] = await asyncio.shield(fut)
-        return [self._cache[k] if k in self._cache else out[k] for k in keys]
+        return [out[k] for k in keys]
 
     def _store(self, key: str, value: float) -> None:
         if self.cache_size <= 0:
