@@ -6,8 +6,8 @@ For each property (helpful ← helpful-base, harmless ← harmless-base of Anthr
    the ``rm_train`` prompt split (the reward-model half, minus its held-out slice);
 2. the linear-probe baseline on the same split (frozen mean-pooled MiniLM embeddings);
 3. the evaluator, never optimised against, stronger by construction: twice the data (the
-   ``rm_train`` and ``align_train`` splits), a LoRA of twice the rank, a 512-token context
-   (fewer cut prompts) and more epochs;
+   ``rm_train`` and ``align_train`` splits), a LoRA of twice the rank and a longer context
+   (384 tokens: fewer cut prompts);
 4. every model re-scored through the service's own backend (fp32, exactly as served): held-out
    accuracy and the held-out median reward, which becomes the model's global reference value
    in the default config; and ONNX parity against torch.
@@ -107,8 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/hh-rlhf"), help="folder with the HH files")
     ap.add_argument("--out", type=Path, default=CONFIG_PATH.parent / "default_models")
     ap.add_argument("--report", type=Path, default=REPORT_DIR)
+    ap.add_argument("--config", type=Path, default=CONFIG_PATH, help="default config to write the references into")
+    ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (LoRA)")
+    ap.add_argument("--evaluator-max-length", type=int, default=384)
     ap.add_argument("--epochs", type=int, default=2, help="reward-model epochs")
-    ap.add_argument("--evaluator-epochs", type=int, default=3)
+    ap.add_argument("--evaluator-epochs", type=int, default=2)
     ap.add_argument("--max-pairs", type=int, default=None, help="cap training pairs (quick runs)")
     ap.add_argument("--only", choices=list(PROPERTIES), action="append", help="train only these properties")
     ap.add_argument("--seed", type=int, default=0)
@@ -122,12 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not data.is_file():
             raise SystemExit(f"missing data file {data} (see ../shared/data/README.md)")
         common = dict(data=[str(data)], backbone=DEFAULT_BACKBONE, seed=a.seed, heldout_fraction=heldout_fraction,
-                      eval_split="rm_heldout", max_pairs=a.max_pairs, threads=a.threads)
+                      eval_split="rm_heldout", max_pairs=a.max_pairs, threads=a.threads, lr=a.lr)
         rm = train_rm(TrainRMArgs(out=str(a.out / prop), epochs=a.epochs, lora_r=8, lora_alpha=16,
                                   max_length=256, train_splits=["rm_train"], **common))  # type: ignore[arg-type]
         print_summary(rm.card, rm.out)
         ev = train_rm(TrainRMArgs(out=str(a.out / f"{prop}-evaluator"), epochs=a.evaluator_epochs, lora_r=16,
-                                  lora_alpha=32, max_length=512, train_splits=["rm_train", "align_train"],
+                                  lora_alpha=32, max_length=a.evaluator_max_length, train_splits=["rm_train", "align_train"],
                                   **common))  # type: ignore[arg-type]
         print_summary(ev.card, ev.out)
         probe = probe_accuracy([str(data)], DEFAULT_BACKBONE, max_length=256, heldout_fraction=heldout_fraction,
@@ -146,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for prop in PROPERTIES:
             medians[prop] = results[prop]["reward_model"]["served"]["median"]
             medians[prop + "-evaluator"] = results[prop]["evaluator"]["served"]["median"]
-        write_config(medians)
+        write_config(medians, a.config)
     a.report.mkdir(parents=True, exist_ok=True)
     meta = {"command": "make models", "seconds": round(time.perf_counter() - started, 1),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "argv": list(argv or [])}
@@ -163,7 +166,7 @@ def render_report(results: dict[str, Any], meta: dict[str, Any]) -> str:
         rows.append(f"| {prop} | linear probe (frozen MiniLM, mean-pooled) | {probe['train_pairs']} | "
                     f"{probe['heldout_acc']:.3f} | – | – |")
         for label, m in (("reward model: LoRA r=8, 256 tokens, rm_train", rm),
-                         ("evaluator: LoRA r=16, 512 tokens, rm_train + align_train", ev)):
+                         (f"evaluator: LoRA r=16, {ev['card']['max_length']} tokens, rm_train + align_train", ev)):
             c = m["card"]
             rows.append(f"| {prop} | {label} | {c['sizes']['train_pairs']} | {m['served']['accuracy']:.3f} | "
                         f"{m['served_align_heldout']['accuracy']:.3f} | {c['train_seconds']:.0f} s |")
@@ -194,7 +197,7 @@ alignment (`align_train`, held-out `align_heldout`). Held-out pairs: {n}.
 {table}
 
 The evaluator is stronger by construction: twice the training data (both train splits), twice
-the LoRA rank, a 512-token context and more epochs. It is never optimised against.
+the LoRA rank and a longer context. It is never optimised against.
 
 ## Global references and ONNX parity
 

@@ -116,11 +116,11 @@ def uses_token_types(model: nn.Module) -> bool:
     return getattr(model.config, "type_vocab_size", 0) > 1 and not is_decoder(model)
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def _from_pretrained(path: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs: Any) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
     )
 
 
@@ -143,7 +143,8 @@ def load_reward_model(
             from peft import PeftModel
 
             backbone = (card or {}).get("backbone") or json.loads(adapter.read_text())["base_model_name_or_path"]
-            base = _from_pretrained(resolve_model_path(backbone), torch.float32, trust_remote_code)
+            # The backbone is a bare encoder/decoder: give it the one-label head the adapter fills.
+            base = _from_pretrained(resolve_model_path(backbone), torch.float32, trust_remote_code, num_labels=1)
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
             model = model.to(torch_dtype)
         else:

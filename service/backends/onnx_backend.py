@@ -116,7 +116,7 @@ def export_onnx(src: str, out: str | Path, base_dir: Path | None = None, check: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
-        _Reward(loaded.model), args, str(out / ONNX_FILE), input_names=names, output_names=["reward"],
+        _Reward(loaded.model).eval(), args, str(out / ONNX_FILE), input_names=names, output_names=["reward"],
         dynamic_shapes=shapes, dynamo=True, external_data=False,
     )
     loaded.tokenizer.save_pretrained(out)
