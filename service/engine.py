@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .errors import BackendFailure, BatchTimeout, NonFiniteScore, NotReady, Overloaded
 from .formatting import Encoded
@@ -205,7 +205,8 @@ class ModelQueue:
             # The timeout counts from the moment the forward starts, not while it waits for the
             # device's thread (another model's batch may be running there).
             waiter = asyncio.ensure_future(started_evt.wait())
-            await asyncio.wait({job, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {job, waiter}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             started = time.perf_counter()
             scores = await asyncio.wait_for(asyncio.shield(job), self.policy.batch_timeout_s)

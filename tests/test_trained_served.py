@@ -22,8 +22,7 @@ async def test_trained_directory_loads_in_the_service_and_scores(tmp_path: Path,
     trainer_scores = tr.score_encoded(result.model, chosen + rejected, result.card["pad_token_id"], 16,
                                       bf16=False, token_types=tr.uses_token_types(result.tokenizer, result.card["style"]))
     held = split_pairs(load_preferences(tmp_path / "pairs.jsonl")[0], 0.5, 0)["rm_heldout"]
-    items = [{"prompt": p.prompt, "response": r} for r in ("chosen", "rejected") for p in held
-             for r in [getattr(p, r)]]
+    items = [{"prompt": p.prompt, "response": getattr(p, side)} for side in ("chosen", "rejected") for p in held]
     settings = make_settings([{"name": "rm", "path": str(result.out), "device": "cpu", "dtype": "float32"}])
     async for client in asgi_client(settings):
         r = await client.post("/v1/score", json={"items": items, "method": "raw"})

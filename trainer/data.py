@@ -271,22 +271,34 @@ def split_pairs(
 
 # -- batching ------------------------------------------------------------------------------
 def length_batches(
-    lengths: Sequence[int], batch_size: int, seed: int | None = 0
+    lengths: Sequence[int], batch_size: int, seed: int | None = 0, max_tokens: int | None = None
 ) -> list[list[int]]:
     """Indices grouped into batches of similar length, so padding wastes little compute.
 
-    Sort by length, cut into chunks of ``batch_size``, then shuffle the chunks with ``seed``
-    (``None`` keeps them in length order, for evaluation).  Within a chunk, ties are broken by
-    a seeded shuffle so equal-length items do not always batch together.
+    Sort by length, cut into chunks of at most ``batch_size`` items and, when ``max_tokens``
+    is given, at most that many padded tokens (items × longest; an item longer than the
+    budget gets a batch of its own); then shuffle the chunks with ``seed`` (``None`` keeps
+    them in length order, for evaluation).  Equal lengths are tie-broken by a seeded shuffle
+    so the same items do not always batch together.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     order = list(range(len(lengths)))
     rng = random.Random(seed)
     if seed is not None:
-        rng.shuffle(order)  # random tie-break: sort below is stable
+        rng.shuffle(order)  # random tie-break: the sort below is stable
     order.sort(key=lambda i: lengths[i])
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # ascending order: the newcomer is the longest, so it sets the padded width
+        over = max_tokens is not None and (len(current) + 1) * lengths[i] > max_tokens
+        if current and (len(current) == batch_size or over):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
     if seed is not None:
         rng.shuffle(batches)
     return batches

@@ -25,6 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -97,10 +98,29 @@ server:
 """)
 
 
+@dataclass
+class Trained:
+    card: dict[str, Any]
+    out: Path
+
+
+def trained(args: Any, reuse: bool) -> Trained:
+    """Train with ``args`` — or, with ``reuse``, take the model already in ``args.out``."""
+    from trainer.train_rm import print_summary, train_rm
+
+    out = Path(args.out)
+    if reuse and (out / "logand.json").is_file():
+        print(f"reusing {out}")
+        return Trained(json.loads((out / "logand.json").read_text()), out)
+    result = train_rm(args)
+    print_summary(result.card, result.out)
+    return Trained(result.card, result.out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from service.modelpath import DEFAULT_BACKBONE
     from trainer.probe import probe_accuracy
-    from trainer.train_rm import TrainRMArgs, print_summary, train_rm
+    from trainer.train_rm import TrainRMArgs
 
     ap = argparse.ArgumentParser(prog="python -m trainer.default_models", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,11 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (LoRA)")
     ap.add_argument("--evaluator-max-length", type=int, default=384)
     ap.add_argument("--epochs", type=int, default=2, help="reward-model epochs")
-    ap.add_argument("--evaluator-epochs", type=int, default=2)
+    ap.add_argument("--evaluator-epochs", type=int, default=1)
     ap.add_argument("--max-pairs", type=int, default=None, help="cap training pairs (quick runs)")
     ap.add_argument("--only", choices=list(PROPERTIES), action="append", help="train only these properties")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep models whose output folder already has a logand.json (resume a partial run)")
     a = ap.parse_args(argv)
     heldout_fraction = 0.2
     results: dict[str, Any] = {}
@@ -126,13 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"missing data file {data} (see ../shared/data/README.md)")
         common = dict(data=[str(data)], backbone=DEFAULT_BACKBONE, seed=a.seed, heldout_fraction=heldout_fraction,
                       eval_split="rm_heldout", max_pairs=a.max_pairs, threads=a.threads, lr=a.lr)
-        rm = train_rm(TrainRMArgs(out=str(a.out / prop), epochs=a.epochs, lora_r=8, lora_alpha=16,
-                                  max_length=256, train_splits=["rm_train"], **common))  # type: ignore[arg-type]
-        print_summary(rm.card, rm.out)
-        ev = train_rm(TrainRMArgs(out=str(a.out / f"{prop}-evaluator"), epochs=a.evaluator_epochs, lora_r=16,
-                                  lora_alpha=32, max_length=a.evaluator_max_length, train_splits=["rm_train", "align_train"],
-                                  **common))  # type: ignore[arg-type]
-        print_summary(ev.card, ev.out)
+        rm = trained(TrainRMArgs(out=str(a.out / prop), epochs=a.epochs, lora_r=8, lora_alpha=16,
+                                 max_length=256, train_splits=["rm_train"], **common), a.reuse)  # type: ignore[arg-type]
+        ev = trained(TrainRMArgs(out=str(a.out / f"{prop}-evaluator"), epochs=a.evaluator_epochs, lora_r=16,
+                                 lora_alpha=32, max_length=a.evaluator_max_length,
+                                 train_splits=["rm_train", "align_train"], **common), a.reuse)  # type: ignore[arg-type]
         probe = probe_accuracy([str(data)], DEFAULT_BACKBONE, max_length=256, heldout_fraction=heldout_fraction,
                                seed=a.seed, max_pairs=a.max_pairs, threads=a.threads)
         results[prop] = {

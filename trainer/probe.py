@@ -23,7 +23,6 @@ from service.formatting import Encoded, Formatter
 from service.modelpath import DEFAULT_BACKBONE, resolve_model_path
 from trainer.data import SPLITS, DataError, length_batches, load_many, split_pairs
 from trainer.train_rm import (
-    _quiet_transformers,
     _sample,
     bf16_default,
     collate,
@@ -31,6 +30,7 @@ from trainer.train_rm import (
     ensure_pad_token,
     is_decoder_config,
     pairwise_metrics,
+    quiet_transformers,
     uses_token_types,
 )
 
@@ -111,11 +111,8 @@ def probe_accuracy(
     pad_id = ensure_pad_token(tokenizer, decoder)
     formatter = Formatter(tokenizer, style, max_length)
     types = uses_token_types(tokenizer, style)
-    restore = _quiet_transformers()  # a reward-model dir as backbone has head weights AutoModel drops
-    try:
+    with quiet_transformers():  # a reward-model dir as backbone has head weights AutoModel drops
         model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    finally:
-        restore()
     use_bf16 = bf16_default(torch.device("cpu")) if bf16 is None else bf16
 
     def diffs(ps: list[Any]) -> Tensor:

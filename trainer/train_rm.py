@@ -18,6 +18,7 @@ Tokenization goes through :class:`service.formatting.Formatter` so training and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -26,13 +27,14 @@ import time
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.backends.modeling import is_decoder_config, reward_forward, unwrap
 from service.formatting import Encoded, Formatter, Style
 from service.modelpath import DEFAULT_BACKBONE, resolve_model_path
 from trainer.data import SPLITS, DataError, PreferencePair, length_batches, load_many, split_pairs
@@ -69,6 +71,9 @@ class TrainRMArgs:
     epochs: int = _arg(1, "passes over the training pairs")
     batch_size: int = _arg(16, "pairs per optimisation step (2x sequences per forward)")
     eval_batch_size: int = _arg(32, "sequences per forward when evaluating")
+    max_batch_tokens: int | None = _arg(None, "padded tokens per forward (chosen + rejected); a step "
+                                        "over it runs as micro-batches with gradient accumulation; "
+                                        "default 2048 on CPU (memory-bound beyond), 65536 on GPU")
     lr: float | None = _arg(None, "peak learning rate; default 2e-4 with LoRA, 3e-5 full fine-tuning")
     weight_decay: float = _arg(0.0, "AdamW weight decay (not applied to biases and norms)")
     warmup_ratio: float = _arg(0.05, "fraction of the steps with linear warm-up; then linear decay to 0")
@@ -76,9 +81,11 @@ class TrainRMArgs:
     lora: bool = _arg(True, "train a LoRA adapter (else fine-tune every weight)")
     lora_r: int = _arg(8, "LoRA rank")
     lora_alpha: int = _arg(16, "LoRA scale numerator (scale = alpha / r)")
-    lora_dropout: float = _arg(0.05, "dropout on the LoRA input")
+    lora_dropout: float = _arg(0.0, "dropout on the LoRA input")
     lora_targets: list[str] | None = _arg(None, "names of the Linear layers that get LoRA; default "
                                           "every Linear of the backbone (BERT: query key value dense)")
+    dropout: bool = _arg(False, "keep the backbone's dropout; off by default, as in TRL's reward "
+                         "trainer: steadier rewards, and on CPU dropout masks cost as much as matmuls")
     center_coef: float = _arg(0.0, "reward-centering coefficient λ: adds λ·(r⁺ + r⁻)² to the loss")
     bf16: bool | None = _arg(None, "bf16 autocast; default on where the CPU/GPU runs bf16 natively")
     threads: int | None = _arg(None, "torch CPU threads (default: torch's choice)")
@@ -115,24 +122,6 @@ def bf16_default(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_bf16_supported()
 
 
-def is_decoder_config(config: Any) -> bool:
-    """Decoder-only (reward read at the last token) or encoder (reward read from [CLS])."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{config.model_type}: encoder-decoder models are not supported as reward models")
-    kind = config.model_type
-    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # BERT also has a causal-LM head class
-        return False
-    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return True
-    archs = getattr(config, "architectures", None) or []
-    return bool(getattr(config, "is_decoder", False)) or any("CausalLM" in a or "LMHead" in a for a in archs)
-
-
 def default_style(decoder: bool, tokenizer: Any) -> Style:
     if not decoder:
         return "pair"
@@ -153,40 +142,20 @@ def ensure_pad_token(tokenizer: Any, decoder: bool) -> int:
     return int(tokenizer.pad_token_id)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (LoRA layers stay in place)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: the modules (covers attention kernels that read ``dropout.p``) and
+    the config's rates (covers code that reads the config at call time)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for name, value in list(vars(model.config).items()):
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(model.config, name, 0.0)
 
 
 def architecture_of(model: nn.Module) -> str:
-    inner = _unwrap(model)
+    inner = unwrap(model)
     return "decoder" if is_decoder_config(inner.config) else "encoder"
-
-
-def reward_forward(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
-) -> Tensor:
-    """Scalar rewards, shape (B,), for a batch of right-padded sequences.
-
-    Encoders (BERT & co.) read the classifier on [CLS]: ``model(...).logits[:, 0]``.  Decoders
-    run the backbone and apply ``model.score`` to the hidden state of the last real token,
-    located through ``attention_mask`` rather than the pad id (which may equal EOS), so the
-    reward of a sequence does not depend on the padding around it.  Works on plain
-    transformers models and on peft wrappers; dtype follows any active autocast.
-    """
-    inner = _unwrap(model)
-    if not is_decoder_config(inner.config):
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        logits = inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, 1)
-        return logits[:, 0]
-    hidden = inner.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    )[0]  # (B, T, H)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-    last = (attention_mask.to(positions.dtype) * positions).argmax(-1)  # (B,) last real token
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return inner.score(pooled)[:, 0]  # (B,)
 
 
 def collate(
@@ -216,12 +185,13 @@ def uses_token_types(tokenizer: Any, style: str) -> bool:
 @torch.no_grad()
 def score_encoded(
     model: nn.Module, encodings: Sequence[Encoded], pad_id: int, batch_size: int = 32,
-    bf16: bool = False, token_types: bool = True,
+    bf16: bool = False, token_types: bool = True, max_tokens: int | None = None,
 ) -> Tensor:
-    """Rewards (N,) in input order, computed in length-sorted batches (little padding)."""
+    """Rewards (N,) in input order, computed in length-sorted batches (little padding) of at
+    most ``batch_size`` sequences and ``max_tokens`` padded tokens."""
     device = next(model.parameters()).device
     out = torch.empty(len(encodings), dtype=torch.float32)
-    for batch in length_batches([len(e) for e in encodings], batch_size, seed=None):
+    for batch in length_batches([len(e) for e in encodings], batch_size, seed=None, max_tokens=max_tokens):
         inputs = collate([encodings[i] for i in batch], pad_id, token_types, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out[batch] = reward_forward(model, **inputs).float().cpu()
@@ -270,52 +240,32 @@ def lora_target_names(model: nn.Module, leaf_names: Sequence[str] | None) -> tup
     return chosen, conv
 
 
-def _quiet_transformers() -> Any:
-    """Silence the expected 'newly initialised head' report while loading a base for an adapter."""
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report where its news is expected (a head the checkpoint
+    lacks, or drops, by design)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    return lambda: hf_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_reward_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Any, dict[str, Any] | None]:
-    """Load a reward model directory: (eval-mode model, tokenizer, card or None).
+    """(eval-mode model, tokenizer, card or None) of a reward-model directory, loaded exactly as
+    the service loads it (:func:`service.backends.modeling.load_reward_model`)."""
+    from service.backends import modeling
 
-    A LoRA directory is applied to its backbone (``logand.json``'s ``backbone``, else the
-    adapter's ``base_model_name_or_path``, resolved with :func:`resolve_model_path`) and merged,
-    so the result is a plain transformers model.  Any other directory loads as a HF model.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"reward model directory {str(root)!r} does not exist")
-    card = json.loads((root / CARD_NAME).read_text()) if (root / CARD_NAME).is_file() else None
-    has_tokenizer = (root / "tokenizer.json").is_file() or (root / "tokenizer_config.json").is_file()
-    adapter_cfg = root / "adapter_config.json"
-    if adapter_cfg.is_file():
-        ref = (card or {}).get("backbone") or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-        base_path = resolve_model_path(ref, base_dir=root)
-        tokenizer = AutoTokenizer.from_pretrained(str(root) if has_tokenizer else base_path)
-        restore = _quiet_transformers()
-        try:
-            base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
-        finally:
-            restore()
-        model = PeftModel.from_pretrained(base, str(root)).merge_and_unload()
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(root))
-        model = AutoModelForSequenceClassification.from_pretrained(str(root), dtype=torch.float32)
-    if model.config.num_labels != 1:
-        raise ValueError(f"{root}: a reward model has one output, this one has {model.config.num_labels}")
-    pad_id = ensure_pad_token(tokenizer, is_decoder_config(model.config))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_id
-    return model.to(device=device, dtype=dtype).eval(), tokenizer, card
+    name = next(k for k, v in modeling.DTYPES.items() if v == dtype)
+    with quiet_transformers():
+        loaded = modeling.load_reward_model(path, dtype=name, device=str(device))
+    ensure_pad_token(loaded.tokenizer, is_decoder_config(loaded.model.config))
+    return loaded.model, loaded.tokenizer, loaded.card
 
 
 # -- training ------------------------------------------------------------------------------
@@ -357,6 +307,7 @@ def train_rm(args: TrainRMArgs) -> TrainResult:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = bf16_default(device) if args.bf16 is None else args.bf16
+    max_tokens = args.max_batch_tokens or (2048 if device.type == "cpu" else 65536)
     bad = [s for s in [*args.train_splits, args.eval_split] if s not in SPLITS]
     if bad:
         raise ValueError(f"unknown split(s) {bad}; choose from {list(SPLITS)}")
@@ -404,6 +355,8 @@ def train_rm(args: TrainRMArgs) -> TrainResult:
         model_path, num_labels=1, dtype=torch.float32
     )
     model.config.pad_token_id = pad_id
+    if not args.dropout:
+        disable_dropout(model)
     if args.lora:
         targets, conv = lora_target_names(model, args.lora_targets)
         lora_cfg = LoraConfig(
@@ -434,7 +387,7 @@ def train_rm(args: TrainRMArgs) -> TrainResult:
 
     def evaluate(fast: bool) -> tuple[Tensor, Tensor]:
         model.eval()
-        rewards = score_encoded(model, eval_c + eval_r, pad_id, args.eval_batch_size, fast, types)
+        rewards = score_encoded(model, eval_c + eval_r, pad_id, args.eval_batch_size, fast, types, max_tokens)
         return rewards[: len(eval_c)], rewards[len(eval_c):]
 
     history: list[dict[str, Any]] = []
@@ -447,22 +400,29 @@ def train_rm(args: TrainRMArgs) -> TrainResult:
         bar = tqdm(length_batches(lengths, args.batch_size, seed=args.seed + epoch),
                    desc=f"epoch {epoch + 1}/{args.epochs}", disable=not args.progress, leave=False)
         for batch in bar:
-            # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
-            inputs = collate([train_c[i] for i in batch] + [train_r[i] for i in batch], pad_id, types, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                rewards = reward_forward(model, **inputs).float()  # (2B,)
-            good, worse = rewards[: len(batch)], rewards[len(batch):]  # (B,), (B,)
-            loss = -F.logsigmoid(good - worse).mean()
-            if args.center_coef:
-                loss = loss + args.center_coef * (good + worse).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss, step_acc = 0.0, 0.0
+            # a step's pairs run as micro-batches within the token budget (2 sequences a pair)
+            for part in length_batches([lengths[i] for i in batch], len(batch), None, max(1, max_tokens // 2)):
+                micro = [batch[j] for j in part]
+                # chosen and rejected in one forward: rows [0, b) chosen, [b, 2b) rejected
+                inputs = collate([train_c[i] for i in micro] + [train_r[i] for i in micro], pad_id, types, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    rewards = reward_forward(model, **inputs).float()  # (2b,)
+                good, worse = rewards[: len(micro)], rewards[len(micro):]  # (b,), (b,)
+                # sums over the micro-batch / step size: the accumulated gradient is the step mean
+                loss = -F.logsigmoid(good - worse).sum() / len(batch)
+                if args.center_coef:
+                    loss = loss + args.center_coef * (good + worse).pow(2).sum() / len(batch)
+                loss.backward()
+                step_loss += loss.detach().item()
+                step_acc += pairwise_metrics(good.detach(), worse.detach())[0] * len(micro) / len(batch)
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.detach().item())
-            accs.append(pairwise_metrics(good.detach(), worse.detach())[0])
+            losses.append(step_loss)
+            accs.append(step_acc)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", acc=f"{np.mean(accs[-20:]):.3f}")
         bar.close()
         seconds = time.perf_counter() - t0
@@ -511,6 +471,7 @@ def train_rm(args: TrainRMArgs) -> TrainResult:
         "max_length": args.max_length,
         "append_eos": args.append_eos,
         "pad_token_id": pad_id,
+        "token_type_ids": types,
         "data": list(args.data),
         "split": {"seed": args.seed, "heldout_fraction": args.heldout_fraction,
                   "train_splits": list(args.train_splits), "eval_split": args.eval_split},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -11,7 +13,7 @@ from ..scoring import ScoringService
 from .errors import error_response
 
 router = APIRouter()
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": p.ErrorResponse, "description": "missing or wrong API key"},
     413: {"model": p.ErrorResponse, "description": "over a size limit"},
     422: {"model": p.ErrorResponse, "description": "invalid input; `field` names it"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from ..config import ModelConfig
 from .base import Backend, BackendInfo, pad_batch
@@ -19,8 +20,8 @@ def load_backend(cfg: ModelConfig, base_dir: Path | None, threads: int | None = 
     from .modeling import ModelLoadError, resolve_device, resolve_dtype
 
     device = resolve_device(cfg.device)
-    overrides = dict(style=cfg.style, max_length=cfg.max_length, chat_template=cfg.chat_template,
-                     append_eos=cfg.append_eos)
+    overrides: dict[str, Any] = dict(style=cfg.style, max_length=cfg.max_length,
+                                     chat_template=cfg.chat_template, append_eos=cfg.append_eos)
     try:
         if cfg.backend == "onnx":
             from .onnx_backend import OnnxBackend

@@ -70,9 +70,32 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
+def is_decoder_config(config: Any) -> bool:
+    """Decoder-only (reward read at the last token) or encoder (reward read from [CLS])."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{config.model_type}: encoder-decoder models are not supported as reward models")
+    kind = config.model_type
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # BERT also has a causal-LM head class
+        return False
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return True
+    archs = getattr(config, "architectures", None) or []
+    return bool(getattr(config, "is_decoder", False)) or any("CausalLM" in a or "LMHead" in a for a in archs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers stay in place)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def is_decoder(model: nn.Module) -> bool:
-    """Decoder reward models (GPT-2, Llama, …) carry a ``score`` head over the last token."""
-    return isinstance(getattr(model, "score", None), nn.Linear)
+    return is_decoder_config(unwrap(model).config)
 
 
 def reward_forward(
@@ -81,19 +104,22 @@ def reward_forward(
     attention_mask: torch.Tensor,
     token_type_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Raw rewards (B,) for right-padded inputs (B, T).
+    """Raw rewards (B,) for right-padded inputs (B, T); plain models and peft wrappers alike.
 
     Encoders use their classification head as is.  Decoders are pooled here, at the last real
     token found from the attention mask, rather than through ``pad_token_id`` as transformers
-    does: that breaks when pad == EOS and the response ends in EOS.
+    does: that breaks when pad == EOS and the response ends in EOS.  The dtype follows any
+    active autocast.
     """
-    if is_decoder(model):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        last = attention_mask.sum(dim=-1) - 1  # (B,)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return model.score(pooled)[:, 0]  # (B,)
-    kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, 0]  # (B,)
+    inner: Any = unwrap(model)
+    if not is_decoder_config(inner.config):
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        return inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, 0]  # (B,)
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]  # (B, T, H)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    last = (attention_mask.to(positions.dtype) * positions).argmax(-1)  # (B,) last real token
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return inner.score(pooled)[:, 0]  # (B,)
 
 
 @dataclass
@@ -108,7 +134,9 @@ class LoadedModel:
         return "decoder" if is_decoder(self.model) else "encoder"
 
     def uses_token_types(self) -> bool:
-        """Segment ids matter for encoders trained with them (BERT: type_vocab_size 2)."""
+        """As trained (the card records it); else whenever the encoder has segment embeddings."""
+        if self.card is not None and "token_type_ids" in self.card:
+            return bool(self.card["token_type_ids"])
         return uses_token_types(self.model)
 
 

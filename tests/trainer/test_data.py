@@ -153,13 +153,12 @@ def test_unusable_sources_raise_naming_the_path(tmp_path: Path) -> None:
 
 
 def test_hub_source_without_datasets_library_is_a_clear_error() -> None:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError, match="datasets"):
-            load_preferences("hub:Anthropic/hh-rlhf:helpful-base")
-    else:
-        pytest.skip("the datasets library is installed; the hub itself is not reachable here")
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("the datasets library is installed; this checks the message where it is not")
+    with pytest.raises(DataError, match="pip install datasets"):
+        load_preferences("hub:Anthropic/hh-rlhf:helpful-base")
 
 
 # -- splits --------------------------------------------------------------------------------
@@ -206,3 +205,14 @@ def test_length_batches_cover_everything_with_little_padding() -> None:
     assert batches != length_batches(lengths, 16, seed=2)  # shuffled chunk order
     ordered = length_batches(lengths, 16, seed=None)  # evaluation: plain length order
     assert [max(lengths[i] for i in b) for b in ordered] == sorted(max(lengths[i] for i in b) for b in ordered)
+
+
+def test_length_batches_respect_a_token_budget() -> None:
+    lengths = [10] * 20 + [100] * 5 + [300]
+    batches = length_batches(lengths, batch_size=8, seed=0, max_tokens=250)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) <= 8
+        assert len(b) * longest <= 250 or len(b) == 1  # an over-budget item batches alone
+    assert [25] in batches
