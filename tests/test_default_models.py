@@ -3,7 +3,7 @@ held-out HH pairs better than chance (scored over real HTTP by a real server).""
 
 from __future__ import annotations
 
-import random
+import json
 from pathlib import Path
 
 import httpx
@@ -13,6 +13,7 @@ from service.config import load_settings
 from tests.conftest import HH_DIR, REPO, LiveServer, needs_data
 
 DEFAULT_DIR = REPO / "service" / "default_models"
+REPORT = REPO / "reports" / "reward-models" / "results.json"
 pytestmark = pytest.mark.skipif(not (DEFAULT_DIR / "helpful" / "adapter_config.json").is_file(),
                                 reason="default models not trained (run `make models`)")
 
@@ -44,15 +45,19 @@ def test_default_config_serves_helpful_and_harmless(default_server: LiveServer) 
 
 @needs_data
 @pytest.mark.parametrize("prop, file", [("helpful", "helpful-base"), ("harmless", "harmless-base")])
-def test_default_models_prefer_chosen_on_unseen_prompts(default_server: LiveServer, prop: str, file: str) -> None:
+def test_served_defaults_reproduce_their_reported_accuracy(default_server: LiveServer, prop: str, file: str) -> None:
+    """Over real HTTP, each default model ranks its held-out pairs (prompts it never saw) as the
+    report says it does, and better than chance."""
     from trainer.data import load_preferences, split_pairs
 
-    pairs = split_pairs(load_preferences(HH_DIR / f"{file}.test.jsonl.gz")[0], 0.2, 0)["align_heldout"]
-    sample = random.Random(0).sample(pairs, min(len(pairs), 200))
-    items = [{"prompt": p.prompt, "response": r} for p in sample for r in (p.chosen, p.rejected)]
-    r = httpx.post(default_server.url + "/v1/score", timeout=300,
+    reported = json.loads(REPORT.read_text())[prop]["reward_model"]["served"]
+    pairs = split_pairs(load_preferences(HH_DIR / f"{file}.test.jsonl.gz")[0], 0.2, 0)[reported["split"]]
+    assert len(pairs) == reported["pairs"]
+    items = [{"prompt": p.prompt, "response": r} for p in pairs for r in (p.chosen, p.rejected)]
+    r = httpx.post(default_server.url + "/v1/score", timeout=600,
                    json={"items": items, "models": [prop], "method": "raw", "allow_truncation": True})
     assert r.status_code == 200, r.text
     rewards = [res["rewards"][prop] for res in r.json()["results"]]
-    accuracy = sum(c > rj for c, rj in zip(rewards[0::2], rewards[1::2])) / len(sample)
-    assert accuracy > 0.55, accuracy
+    accuracy = sum(c > rj for c, rj in zip(rewards[0::2], rewards[1::2])) / len(pairs)
+    assert accuracy == pytest.approx(reported["accuracy"], abs=0.01)
+    assert accuracy > 0.55
