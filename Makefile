@@ -12,7 +12,7 @@ DATA ?= ../shared/data/hh-rlhf
 MODELS_OUT ?= service/default_models
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all models export-onnx check clean help
+.PHONY: install serve test test-all models check clean help
 
 help:
 	@echo "make serve   - install into $(VENV) and serve the default reward models on 127.0.0.1:8000"
@@ -42,6 +42,11 @@ test-all: $(STAMP)
 
 models: $(STAMP)
 	$(BIN)/python -m trainer.default_models --data $(DATA) --out $(MODELS_OUT)
+
+# Static types: mypy-clean on service/, clients/ and trainer/.
+check: $(STAMP)
+	$(BIN)/python -m pip install -q mypy types-PyYAML
+	$(BIN)/mypy service clients trainer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

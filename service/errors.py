@@ -27,24 +27,24 @@ class TooLarge(LogandError):
     code = "too_large"
 
 
-class Overloaded(LogandError):
-    """A queue is full: try again after ``retry_after`` seconds."""
+class RetryLater(LogandError):
+    """Temporarily unable to serve: try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(RetryLater):
+    """A queue is full."""
 
     code = "overloaded"
 
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class NotReady(LogandError):
+class NotReady(RetryLater):
     """Models are still loading, or the service is shutting down."""
 
     code = "not_ready"
-
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class BatchTimeout(LogandError):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.backends.base import pad_batch
 from service.backends.modeling import is_decoder_config, reward_forward, unwrap
 from service.formatting import Encoded, Formatter, Style
 from service.modelpath import DEFAULT_BACKBONE, resolve_model_path
@@ -47,7 +48,8 @@ CARD_FORMAT = "logand-rm/1"
 def _arg(default: Any = MISSING, help: str = "", **kw: Any) -> Any:
     """A dataclass field whose ``help`` is its one documentation (the CLI flag reuses it)."""
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+        items = list(default)
+        return field(default_factory=lambda: list(items), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -161,17 +163,10 @@ def architecture_of(model: nn.Module) -> str:
 def collate(
     encodings: Sequence[Encoded], pad_id: int, token_types: bool = True, device: str | torch.device = "cpu"
 ) -> dict[str, Tensor]:
-    """Right-pad encodings into tensors for :func:`reward_forward`."""
-    width = max(len(e) for e in encodings)
-    ids = torch.full((len(encodings), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(encodings), width), dtype=torch.long)  # (B, T)
-    types = torch.zeros((len(encodings), width), dtype=torch.long) if token_types else None  # (B, T)
-    for row, enc in enumerate(encodings):
-        n = len(enc)
-        ids[row, :n] = torch.tensor(enc.input_ids)
-        mask[row, :n] = 1
-        if types is not None and enc.token_type_ids is not None:
-            types[row, :n] = torch.tensor(enc.token_type_ids)
+    """Right-pad encodings into tensors for :func:`reward_forward` (the service's padding)."""
+    ids_np, mask_np, types_np = pad_batch(encodings, pad_id, token_types)  # each (B, T)
+    ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np)
+    types = torch.from_numpy(types_np) if types_np is not None else None
     out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if types is not None:
         out["token_type_ids"] = types.to(device)
@@ -213,7 +208,7 @@ def head_modules(model: nn.Module) -> list[str]:
     pooler (the head reads [CLS] through it; it is kept even where the checkpoint has one)."""
     prefix = model.base_model_prefix
     heads = [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
-    base = getattr(model, prefix, None)
+    base = getattr(model, prefix, None)  # type: ignore[union-attr,operator,call-overload]
     if base is not None and getattr(base, "pooler", None) is not None:
         heads.append("pooler")
     return heads
@@ -354,7 +349,7 @@ def train_rm(args: TrainRMArgs) -> TrainResult:
     model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=1, dtype=torch.float32
     )
-    model.config.pad_token_id = pad_id
+    model.config.pad_token_id = pad_id  # type: ignore[union-attr,operator,call-overload]
     if not args.dropout:
         disable_dropout(model)
     if args.lora:
@@ -445,7 +440,7 @@ def train_rm(args: TrainRMArgs) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     had_readme = (out / "README.md").exists()
     if args.lora:
-        model.save_pretrained(str(out))
+        model.save_pretrained(str(out))  # type: ignore[union-attr,operator,call-overload]
         # point the adapter at the backbone *reference*, not this machine's path of it
         cfg_path = out / "adapter_config.json"
         adapter_cfg = json.loads(cfg_path.read_text())
@@ -455,7 +450,7 @@ def train_rm(args: TrainRMArgs) -> TrainResult:
     else:
         for stale in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
             (out / stale).unlink(missing_ok=True)  # an adapter left here would be loaded instead
-        model.save_pretrained(str(out))
+        model.save_pretrained(str(out))  # type: ignore[union-attr,operator,call-overload]
     tokenizer.save_pretrained(str(out))
     if not had_readme:
         (out / "README.md").unlink(missing_ok=True)  # peft's boilerplate model card
@@ -529,7 +524,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         required = meta.pop("required", False)
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         args = typing.get_args(kind)

@@ -36,7 +36,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(e.LogandError)
     async def _logand(request: Request, exc: e.LogandError) -> JSONResponse:
         status = next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
-        headers = {"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, e.RetryLater) else None
         return error_response(status, exc.code, exc.message, exc.field, headers=headers)
 
     @app.exception_handler(RequestValidationError)
