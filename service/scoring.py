@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Awaitable, Sequence, TypeVar
 
 from . import protocol as p
 from .backends import Backend, load_backend
@@ -24,6 +24,23 @@ from .references import ConstantReference, ReferenceProvider, ResponsesReference
 from .utility import UtilityError, aggregate, check_method, check_weights
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+async def gather_or_cancel(*aws: Awaitable[T]) -> list[T]:
+    """Like asyncio.gather, but the first failure cancels the rest, so a request refused by one
+    model's queue does not leave its items queued (or running) in the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+    return [t.result() for t in tasks]
+
 
 WARMUP = ("\n\nHuman: Hello, can you help me?\n\nAssistant:", "Of course. What do you need?")
 
@@ -179,7 +196,7 @@ class ScoringService:
             by_key = dict(zip(unique, values))
             return [by_key[prompt_key(prompt)] for prompt in prompts]
 
-        rewards, refs = await asyncio.gather(self.engine.score(name, ok), references())
+        rewards, refs = await gather_or_cancel(self.engine.score(name, ok), references())
         return rewards, refs, ok
 
     async def score(self, req: p.ScoreRequest) -> p.ScoreResponse:
@@ -190,7 +207,7 @@ class ScoringService:
         prompts: list[Prompt] = [
             it.prompt if isinstance(it.prompt, str) else [m.model_dump() for m in it.prompt] for it in req.items
         ]
-        per_model = await asyncio.gather(*(self._score_model(n, req, prompts) for n in names))
+        per_model = await gather_or_cancel(*(self._score_model(n, req, prompts) for n in names))
         results = []
         for i in range(len(req.items)):
             rewards = {n: per_model[k][0][i] for k, n in enumerate(names)}

@@ -212,3 +212,28 @@ async def test_concurrent_requests_are_batched_together(client: httpx.AsyncClien
     batches = metrics.batches.labels("helpful")._value.get()
     items_scored = metrics.items.labels("helpful")._value.get()
     assert items_scored >= 8 and batches < items_scored  # several requests shared a forward pass
+
+
+
+async def test_first_failure_cancels_the_other_models_work() -> None:
+    from service.errors import Overloaded
+    from service.scoring import gather_or_cancel
+
+    cancelled = asyncio.Event()
+
+    async def slow() -> int:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return 1
+
+    async def refused() -> int:
+        await asyncio.sleep(0.01)
+        raise Overloaded("queue full")
+
+    with pytest.raises(Overloaded):
+        await asyncio.wait_for(gather_or_cancel(slow(), refused()), 2)
+    assert cancelled.is_set()
+    assert await gather_or_cancel(asyncio.sleep(0, 1), asyncio.sleep(0, 2)) == [1, 2]
