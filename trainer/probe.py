@@ -150,8 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-length", type=int, default=256, help="tokens per (prompt, response)")
     a("--heldout-fraction", type=float, default=0.2, help="held-out fraction of each half of the prompts")
     a("--seed", type=int, default=0, help="split seed")
-    a("--train-splits", nargs="+", default=["rm_train"], choices=SPLITS, help="splits to fit on")
-    a("--eval-split", default="rm_heldout", choices=SPLITS, help="split to report accuracy on")
+    a("--train-splits", nargs="+", default=["rm_train"], choices=SPLITS, metavar="SPLIT",
+      help="splits to fit on: " + ", ".join(SPLITS))
+    a("--eval-split", default="rm_heldout", choices=SPLITS, metavar="SPLIT", help="split to report accuracy on")
     a("--l2", type=float, default=1e-3, help="L2 penalty on the (standardised) probe weights")
     a("--batch-size", type=int, default=32, help="sequences per forward")
     a("--max-pairs", type=int, default=None, help="cap on training pairs (a seeded sample)")

@@ -65,9 +65,10 @@ class TrainRMArgs:
                              choices=["pair", "chat", "text"])
     max_length: int = _arg(256, "tokens per (prompt, response); the prompt is cut from the left first")
     append_eos: bool = _arg(False, "append the EOS token after the response (decoders)")
-    train_splits: list[str] = _arg(["rm_train"], "prompt splits to train on", choices=list(SPLITS))
+    train_splits: list[str] = _arg(["rm_train"], "prompt splits to train on: " + ", ".join(SPLITS),
+                                   choices=list(SPLITS), metavar="SPLIT")
     eval_split: str = _arg("rm_heldout", "prompt split for held-out accuracy and reward statistics",
-                           choices=list(SPLITS))
+                           choices=list(SPLITS), metavar="SPLIT")
     heldout_fraction: float = _arg(0.2, "fraction of each half of the prompts held out")
     seed: int = _arg(0, "seed of the split, the initialisation, dropout and batch order")
     epochs: int = _arg(1, "passes over the training pairs")
