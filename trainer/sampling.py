@@ -67,7 +67,8 @@ class Sampler:
         self.device = device
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
         cfg = self.model.config
-        self.context = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+        limit: int = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        self.context = limit
         self._stop_ids = self._stop_token_ids()
 
     def _stop_token_ids(self) -> list[int]:
