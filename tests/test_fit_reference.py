@@ -35,13 +35,14 @@ async def test_fit_reference_end_to_end(live_server: LiveServer, tiny_bert: Path
     policy = make_tiny_gpt2(tmp_path / "policy", seed=11, lm=True)
     data = write_separable(tmp_path / "pairs.jsonl", n=60)
     ns = argparse.Namespace(
-        policy=str(policy), data=[str(data)], service=live_server.url, api_key=None, models=["enc"],
+        policy=str(policy), data=[str(data)], service=live_server.url, api_key=None, models=["enc", "dec"],
         split="align_train", heldout_fraction=0.2, prompts=4, prompts_per_round=2, k=4, temperature=1.0,
         top_p=1.0, max_new_tokens=8, batch_size=8, seed=0, l2=1.0, out=str(tmp_path / "ref"),
     )
     written = fr.run(ns)
     artifact = json.loads(written["enc"].read_text())
     assert artifact["fit"]["k"] == 4 and artifact["fit"]["prompts"] >= 3
+    assert set(written) == {"enc", "dec"}
     lines = (tmp_path / "ref" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == artifact["fit"]["prompts"] and len(json.loads(lines[0])["rewards"]["enc"]) >= 2
 

@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
                 skipped_empty += len(draws) - len(texts)
                 if len(texts) < 2:
                     continue
-                results = client.score([(prompt, t) for t in texts], models=models, method="raw",
-                                       allow_truncation=True)
+                # raw rewards come back whatever the aggregate, so the default method suits any model count
+                results = client.score([(prompt, t) for t in texts], models=models, allow_truncation=True)
                 rewards = {m: [r.rewards[m] for r in results] for m in models}
                 log.write(json.dumps({"prompt": prompt, "samples": texts, "rewards": rewards}) + "\n")
                 log.flush()
