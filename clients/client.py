@@ -89,6 +89,19 @@ class _Base:
                 return min(float(retry_after), self.max_backoff_s)
         return min(self.backoff_s * 2**attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
 
+    def _outcome(self, response: httpx.Response | None, error: Exception | None) -> tuple[bool, Any, Exception]:
+        """(done, JSON body, error to remember): raises at once what retrying cannot fix."""
+        if response is None:
+            return False, None, error or RuntimeError("no response")
+        if response.status_code < 400:
+            return True, response.json(), RuntimeError("unreachable")
+        if response.status_code not in RETRY_STATUSES:
+            raise _rejected(response)
+        return False, None, _rejected(response)
+
+    def _give_up(self, method: str, path: str, last: Exception) -> ServiceUnavailable:
+        return ServiceUnavailable(f"{method} {path}: gave up after {self.max_retries + 1} tries: {last}")
+
     def _score_body(self, pairs: Sequence[tuple[Prompt, str]], models: Sequence[str] | None, method: str | None,
                     weights: dict[str, float] | None, references: dict[str, Any] | None,
                     allow_truncation: bool) -> dict[str, Any]:
@@ -121,22 +134,19 @@ class RewardClient(_Base):
 
     def request(self, method: str, path: str, json: Any = None) -> Any:
         """One call with retries on 429/503/connection errors; the decoded JSON body."""
-        last: Exception | None = None
+        last: Exception = RuntimeError("no attempt")
         for attempt in range(self.max_retries + 1):
-            response = None
+            response, error = None, None
             try:
                 response = self._http.request(method, path, json=json)
             except httpx.TransportError as exc:
-                last = exc
-            else:
-                if response.status_code < 400:
-                    return response.json()
-                if response.status_code not in RETRY_STATUSES:
-                    raise _rejected(response)
-                last = _rejected(response)
+                error = exc
+            done, body, last = self._outcome(response, error)
+            if done:
+                return body
             if attempt < self.max_retries:
                 time.sleep(self._delay(attempt, response))
-        raise ServiceUnavailable(f"{method} {path}: gave up after {self.max_retries + 1} tries: {last}") from last
+        raise self._give_up(method, path, last) from last
 
     def score(self, pairs: Sequence[tuple[Prompt, str]], models: Sequence[str] | None = None,
               method: str | None = None, weights: dict[str, float] | None = None,
@@ -191,22 +201,19 @@ class AsyncRewardClient(_Base):
         await self._http.aclose()
 
     async def request(self, method: str, path: str, json: Any = None) -> Any:
-        last: Exception | None = None
+        last: Exception = RuntimeError("no attempt")
         for attempt in range(self.max_retries + 1):
-            response = None
+            response, error = None, None
             try:
                 response = await self._http.request(method, path, json=json)
             except httpx.TransportError as exc:
-                last = exc
-            else:
-                if response.status_code < 400:
-                    return response.json()
-                if response.status_code not in RETRY_STATUSES:
-                    raise _rejected(response)
-                last = _rejected(response)
+                error = exc
+            done, body, last = self._outcome(response, error)
+            if done:
+                return body
             if attempt < self.max_retries:
                 await asyncio.sleep(self._delay(attempt, response))
-        raise ServiceUnavailable(f"{method} {path}: gave up after {self.max_retries + 1} tries: {last}") from last
+        raise self._give_up(method, path, last) from last
 
     async def score(self, pairs: Sequence[tuple[Prompt, str]], models: Sequence[str] | None = None,
                     method: str | None = None, weights: dict[str, float] | None = None,
