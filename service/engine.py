@@ -193,7 +193,6 @@ class ModelQueue:
         self._busy = len(batch)
         encoded = [it.encoded for it in batch]
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
         started_evt = asyncio.Event()
 
         def forward() -> list[float]:

@@ -120,6 +120,22 @@ class ResponsesReference(ReferenceProvider):
             self._cache.popitem(last=False)
 
 
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def hashed_ngram_features(text: str, dim: int, ngrams: Sequence[int] = (1, 2)) -> dict[int, float]:
+    """Sparse L2-normalised counts of the prompt's lowercase word n-grams, hashed into ``dim``."""
+    words = _WORD.findall(text.lower())
+    counts: dict[int, float] = {}
+    for n in ngrams:
+        for i in range(len(words) - n + 1):
+            gram = " ".join(words[i : i + n]).encode()
+            idx = int.from_bytes(hashlib.blake2b(gram, digest_size=8).digest(), "little") % dim
+            counts[idx] = counts.get(idx, 0.0) + 1.0
+    norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
+    return {k: v / norm for k, v in counts.items()}
+
+
 class QuantilePredictor:
     """μ(x) and σ(x) from linear models on hashed word n-grams of the prompt (torch-free).
 
@@ -129,7 +145,6 @@ class QuantilePredictor:
     """
 
     FORMAT = "logand-quantile/1"
-    _WORD = re.compile(r"[a-z0-9']+")
 
     def __init__(self, artifact: dict[str, Any], source: str = "") -> None:
         if artifact.get("format") != self.FORMAT:
@@ -158,15 +173,7 @@ class QuantilePredictor:
         return cls(data, str(path))
 
     def features(self, text: str) -> dict[int, float]:
-        words = self._WORD.findall(text.lower())
-        counts: dict[int, float] = {}
-        for n in self.ngrams:
-            for i in range(len(words) - n + 1):
-                gram = " ".join(words[i : i + n]).encode()
-                idx = int.from_bytes(hashlib.blake2b(gram, digest_size=8).digest(), "little") % self.dim
-                counts[idx] = counts.get(idx, 0.0) + 1.0
-        norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
-        return {k: v / norm for k, v in counts.items()}
+        return hashed_ngram_features(text, self.dim, self.ngrams)
 
     def predict(self, text: str) -> tuple[float, float]:
         phi = self.features(text)

@@ -22,16 +22,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from service.references import QuantilePredictor
+from service.references import QuantilePredictor, hashed_ngram_features
 
 FEATURE_DIM = 4096
+NGRAMS = (1, 2)
 
 
 def features_matrix(prompts: Sequence[str], dim: int = FEATURE_DIM) -> np.ndarray:
-    probe = QuantilePredictor(_artifact(dim, np.zeros(dim), 0.0, np.zeros(dim), 0.0), "features")
     x = np.zeros((len(prompts), dim))  # (N, D)
     for i, p in enumerate(prompts):
-        for j, v in probe.features(p).items():
+        for j, v in hashed_ngram_features(p, dim, NGRAMS).items():
             x[i, j] = v
     return x
 
@@ -51,7 +51,7 @@ def inverse_softplus(y: np.ndarray) -> np.ndarray:
 
 def _artifact(dim: int, mw: np.ndarray, mb: float, sw: np.ndarray, sb: float, fit: dict[str, Any] | None = None
               ) -> dict[str, Any]:
-    return {"format": QuantilePredictor.FORMAT, "features": {"kind": "hashed_ngrams", "dim": dim, "ngrams": [1, 2]},
+    return {"format": QuantilePredictor.FORMAT, "features": {"kind": "hashed_ngrams", "dim": dim, "ngrams": list(NGRAMS)},
             "mean": {"weights": [float(v) for v in mw], "bias": float(mb)},
             "std": {"weights": [float(v) for v in sw], "bias": float(sb)}, "fit": fit or {}}
 

@@ -136,7 +136,6 @@ def export_onnx(src: str, out: str | Path, base_dir: Path | None = None, check: 
 
 def onnx_parity(loaded: Any, onnx_dir: str | Path, texts: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Max |torch − onnxruntime| over a padded batch of varied lengths."""
-    from .modeling import make_formatter
     from .torch_backend import TorchBackend
 
     torch_backend = TorchBackend(loaded, "float32", "cpu")
@@ -147,8 +146,7 @@ def onnx_parity(loaded: Any, onnx_dir: str | Path, texts: Sequence[tuple[str, st
         ("\n\nHuman: Hi\n\nAssistant:", "Hello!"),
         ("\n\nHuman: Tell me a joke.\n\nAssistant: Why?\n\nHuman: Because.\n\nAssistant:", "No."),
     ]
-    fmt = make_formatter(loaded)
-    batch = [fmt.encode(p, r, allow_truncation=True) for p, r in texts]
+    batch = [torch_backend.formatter.encode(p, r, allow_truncation=True) for p, r in texts]
     a = np.array(torch_backend.score(batch))
     b = np.array(onnx_backend.score(batch))
     return {"max_abs_diff": float(np.max(np.abs(a - b))), "torch": a.tolist(), "onnx": b.tolist()}
