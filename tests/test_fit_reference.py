@@ -13,7 +13,14 @@ from service.references import QuantilePredictor
 from tests.conftest import LiveServer, asgi_client, make_settings
 from tests.tiny import make_tiny_gpt2
 from tests.trainer.test_train_rm import write_separable
+from service.cli import build_parser
 from trainer import fit_reference as fr
+
+
+def ns_args(ns: argparse.Namespace) -> list[str]:
+    return ["--policy", ns.policy, "--data", *ns.data, "--service", ns.service, "--models", *ns.models,
+            "--prompts", str(ns.prompts), "--k", str(ns.k), "--max-new-tokens", str(ns.max_new_tokens),
+            "--batch-size", str(ns.batch_size), "--out", ns.out]
 
 
 def test_predictors_recover_prompt_dependent_mean_and_spread() -> None:
@@ -34,17 +41,24 @@ def test_predictors_recover_prompt_dependent_mean_and_spread() -> None:
 async def test_fit_reference_end_to_end(live_server: LiveServer, tiny_bert: Path, tmp_path: Path) -> None:
     policy = make_tiny_gpt2(tmp_path / "policy", seed=11, lm=True)
     data = write_separable(tmp_path / "pairs.jsonl", n=60)
-    ns = argparse.Namespace(
-        policy=str(policy), data=[str(data)], service=live_server.url, api_key=None, models=["enc", "dec"],
-        split="align_train", heldout_fraction=0.2, prompts=4, prompts_per_round=2, k=4, temperature=1.0,
-        top_p=1.0, max_new_tokens=8, batch_size=8, seed=0, l2=1.0, out=str(tmp_path / "ref"),
-    )
+    ns = build_parser().parse_args([
+        "fit-reference", "--policy", str(policy), "--data", str(data), "--service", live_server.url,
+        "--models", "enc", "dec", "--prompts", "4", "--k", "4", "--max-new-tokens", "8", "--batch-size", "2",
+        "--out", str(tmp_path / "ref"),
+    ])
     written = fr.run(ns)
     artifact = json.loads(written["enc"].read_text())
     assert artifact["fit"]["k"] == 4 and artifact["fit"]["prompts"] >= 3
     assert set(written) == {"enc", "dec"}
-    lines = (tmp_path / "ref" / "samples.jsonl").read_text().splitlines()
-    assert len(lines) == artifact["fit"]["prompts"] and len(json.loads(lines[0])["rewards"]["enc"]) >= 2
+    bank = tmp_path / "ref" / "samples.jsonl"
+    lines = bank.read_text().splitlines()
+    assert len(lines) == 4 and all(len(json.loads(x)["rewards"]["enc"]) == len(json.loads(x)["samples"]) for x in lines)
+
+    # a rerun resumes: nothing is sampled or scored again, and the fit is the same
+    before = bank.read_text()
+    again = fr.run(build_parser().parse_args(["fit-reference", *ns_args(ns)]))
+    assert bank.read_text() == before
+    assert json.loads(again["enc"].read_text())["mean"] == artifact["mean"]
 
     settings = make_settings([{"name": "enc", "path": str(tiny_bert), "device": "cpu",
                                "reference": {"type": "quantile", "path": str(written["enc"]), "q": 0.85}}])

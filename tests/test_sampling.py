@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.tiny import CHAT_TEMPLATE, make_tiny_gpt2
@@ -38,3 +40,45 @@ def test_long_prompts_are_cut_from_the_left_and_counted(sampler: Sampler) -> Non
     assert cut > 0 and len(ids) == sampler.context - 16
     _, stats = sampler.sample([long], 2, SamplingArgs(max_new_tokens=16), progress=False)
     assert stats.prompt_truncated == 1
+
+
+def test_a_prompts_samples_do_not_depend_on_the_other_prompts(sampler: Sampler) -> None:
+    args = SamplingArgs(max_new_tokens=10, batch_size=2, seed=3)
+    both, _ = sampler.sample(PROMPTS, 3, args, progress=False)
+    alone, _ = sampler.sample(PROMPTS[1:], 3, args, progress=False)
+    assert [x.text for x in both[1]] == [x.text for x in alone[0]]
+
+
+def test_shared_prefill_draws_what_plain_generation_draws(sampler: Sampler) -> None:
+    """Greedy decoding from the copied prompt cache equals decoding with no cache at all."""
+    ids, _ = sampler.encode_prompt(PROMPTS[0], 8)
+    args = SamplingArgs(max_new_tokens=8, temperature=1e-4)
+    shared = sampler._generate_shared(ids, 3, args, seed=1)
+    assert sampler.shared_prefill, "the static-cache path fell back"
+    sampler.shared_prefill = False
+    try:
+        plain = sampler._generate_shared(ids, 3, args, seed=1)
+    finally:
+        sampler.shared_prefill = True
+    assert shared == plain
+
+
+def test_bank_resumes_after_a_torn_write(sampler: Sampler, tmp_path: Path) -> None:
+    from trainer.samples import fill_bank, read_bank
+
+    bank = tmp_path / "bank.jsonl"
+    args = SamplingArgs(max_new_tokens=8, batch_size=4, seed=0)
+    counts = fill_bank(bank, PROMPTS, lambda: sampler, 3, args, progress=False)
+    assert counts["sampled"] == 2 and counts["present"] == 0
+    complete = read_bank(bank)
+    text = bank.read_text()
+    bank.write_text(text[: len(text) - 20])  # a crash in the middle of the last record
+    assert len(read_bank(bank)) == 1
+    counts = fill_bank(bank, PROMPTS, lambda: sampler, 3, args, progress=False)
+    assert counts["present"] == 1 and counts["sampled"] == 1
+    assert read_bank(bank) == complete  # the same samples as the uninterrupted run
+
+    def no_policy() -> Sampler:
+        raise AssertionError("a complete bank must not load the policy")
+
+    assert fill_bank(bank, PROMPTS, no_policy, 3, args, progress=False)["present"] == 2

@@ -8,8 +8,9 @@ model").  The service then serves r_ref(x) = μ̂(x) + Φ⁻¹(q)·σ̂(x) as a 
 Features: L2-normalised hashed word 1- and 2-grams of the prompt transcript
 (:class:`service.references.QuantilePredictor`), so the service predicts without a model
 call; μ̂ is a ridge regression on them, σ̂ = softplus of a ridge regression fitted to
-softplus⁻¹(σ).  Samples and their rewards are appended to ``samples.jsonl`` as they come, so an
-interrupted run keeps what it collected.
+softplus⁻¹(σ).  Samples go to a sample bank (:mod:`trainer.samples`) as they come, and are
+scored in place: an interrupted run keeps what it collected and a rerun resumes where it
+stopped; a service restart mid-run is waited out by the client's retries.
 """
 
 from __future__ import annotations
@@ -64,80 +65,69 @@ def fit_predictor(prompts: Sequence[str], means: Sequence[float], stds: Sequence
     return _artifact(dim, mw, mb, sw, sb, fit)
 
 
+def fit_from_bank(records: Sequence[dict[str, Any]], models: Sequence[str], l2: float,
+                  fit: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One predictor artifact per model from a scored bank (prompts with ≥ 2 samples)."""
+    use = [r for r in records if len(r["samples"]) >= 2 and all(m in r["rewards"] for m in models)]
+    if not use:
+        raise SystemExit("no prompt has two scored non-empty samples: nothing to fit")
+    prompts = [r["prompt"] for r in use]
+    out = {}
+    for m in models:
+        means = [float(np.mean(r["rewards"][m])) for r in use]
+        stds = [float(np.std(r["rewards"][m], ddof=1)) for r in use]
+        info = dict(fit, model=m, prompts=len(use), samples=sum(len(r["samples"]) for r in use),
+                    mean_of_means=float(np.mean(means)), mean_of_stds=float(np.mean(stds)))
+        out[m] = fit_predictor(prompts, means, stds, l2, fit=info)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Path]:
     from clients.client import RewardClient
-    from trainer.data import load_many, split_pairs
-    from trainer.sampling import Sampler, SamplingArgs
+    from trainer.sampling import Sampler
+    from trainer.samples import fill_bank, read_bank, sampling_args, score_bank, select_prompts
 
     started = time.perf_counter()
-    pairs, _ = load_many(args.data)
-    prompts = list(dict.fromkeys(p.prompt for p in split_pairs(pairs, args.heldout_fraction, args.seed)[args.split]))
-    prompts = prompts[: args.prompts] if args.prompts else prompts
+    prompts = select_prompts(args.data, args.split, args.prompts, args.heldout_fraction, args.seed)
     if not prompts:
         raise SystemExit(f"no prompts in split {args.split} of {args.data}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sampler = Sampler(args.policy)
-    sampling = SamplingArgs(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, seed=args.seed)
-    stats: dict[str, dict[str, list[float]]] = {}
-    kept: list[str] = []
-    skipped_empty = 0
-    with RewardClient(args.service, api_key=args.api_key) as client, (out / "samples.jsonl").open("a") as log:
+    bank = Path(args.bank) if args.bank else out / "samples.jsonl"
+    counts = fill_bank(bank, prompts, lambda: Sampler(args.policy, device=args.device, dtype=args.dtype), args.k,
+                       sampling_args(args), policy=str(args.policy))
+    # generous retries: a service restart mid-run is waited out, never a lost or duplicated prompt
+    with RewardClient(args.service, api_key=args.api_key, max_retries=10) as client:
         models = args.models or client.models()["default_models"]
-        for start in range(0, len(prompts), args.prompts_per_round):
-            group = prompts[start : start + args.prompts_per_round]
-            samples, _ = sampler.sample(group, args.k, sampling, progress=True)
-            for prompt, draws in zip(group, samples):
-                texts = [s.text for s in draws if s.text]
-                skipped_empty += len(draws) - len(texts)
-                if len(texts) < 2:
-                    continue
-                # raw rewards come back whatever the aggregate, so the default method suits any model count
-                results = client.score([(prompt, t) for t in texts], models=models, allow_truncation=True)
-                rewards = {m: [r.rewards[m] for r in results] for m in models}
-                log.write(json.dumps({"prompt": prompt, "samples": texts, "rewards": rewards}) + "\n")
-                log.flush()
-                kept.append(prompt)
-                for m in models:
-                    entry = stats.setdefault(m, {"mean": [], "std": []})
-                    entry["mean"].append(float(np.mean(rewards[m])))
-                    entry["std"].append(float(np.std(rewards[m], ddof=1)))
+        score_bank(bank, client, models)
+    wanted = set(prompts)
+    records = [r for r in read_bank(bank) if r["prompt"] in wanted]
+    fit = {"k": args.k, "split": args.split, "policy": str(args.policy), "bank": str(bank),
+           "empty_samples": sum(r.get("empty", 0) for r in records), "prompt_truncated": counts["prompt_truncated"],
+           "seconds": round(time.perf_counter() - started, 1)}
     written = {}
-    for m, entry in stats.items():
-        fit = {"model": m, "k": args.k, "prompts": len(kept), "split": args.split, "policy": str(args.policy),
-               "skipped_empty_samples": skipped_empty, "seconds": round(time.perf_counter() - started, 1),
-               "mean_of_means": float(np.mean(entry["mean"])), "mean_of_stds": float(np.mean(entry["std"]))}
-        artifact = fit_predictor(kept, entry["mean"], entry["std"], args.l2, fit=fit)
+    for m, artifact in fit_from_bank(records, models, args.l2, fit).items():
         path = out / f"{m}.quantile.json"
         path.write_text(json.dumps(artifact) + "\n")
         written[m] = path
-        print(f"{m}: {len(kept)} prompts × K={args.k} → {path} (mean μ {fit['mean_of_means']:.3f}, "
-              f"mean σ {fit['mean_of_stds']:.3f})")
-    if not written:
-        raise SystemExit("no prompt had two non-empty samples: nothing to fit")
+        info = artifact["fit"]
+        print(f"{m}: {info['prompts']} prompts × K={args.k} → {path} (mean μ {info['mean_of_means']:.3f}, "
+              f"mean σ {info['mean_of_stds']:.3f})")
     return written
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from trainer.samples import add_sampling_arguments
+
+    add_sampling_arguments(p, k=64)
     a = p.add_argument
-    a("--policy", required=True, help="causal-LM directory or pkg:/hub reference (the SFT policy)")
-    a("--data", action="append", required=True, help="preference file(s) whose prompts are used")
     a("--service", default="http://127.0.0.1:8000", help="URL of the running logand service")
     a("--api-key", default=None, help="service API key")
     a("--models", nargs="*", default=None, help="reward models to fit for (default: the service's defaults)")
     a("--split", default="align_train", help="prompt split to fit on")
-    a("--heldout-fraction", type=float, default=0.2)
-    a("--prompts", type=int, default=None, help="use at most this many prompts")
-    a("--prompts-per-round", type=int, default=8, help="prompts sampled per generate round")
-    a("--k", type=int, default=64, help="samples per prompt (the paper: 64)")
-    a("--temperature", type=float, default=1.0)
-    a("--top-p", type=float, default=1.0)
-    a("--max-new-tokens", type=int, default=128)
-    a("--batch-size", type=int, default=16)
-    a("--seed", type=int, default=0)
+    a("--bank", default=None, help="sample bank to use and extend (default: OUT/samples.jsonl)")
     a("--l2", type=float, default=1.0, help="ridge penalty of both predictors")
-    a("--out", default="runs/reference", help="output folder: <model>.quantile.json and samples.jsonl")
+    a("--out", default="runs/reference", help="output folder: <model>.quantile.json (and samples.jsonl)")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

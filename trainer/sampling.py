@@ -4,18 +4,46 @@ A prompt (HH transcript or chat messages) is rendered with the policy's chat tem
 has one (else left as the HH transcript, the model continuing after "Assistant:"); prompts
 longer than the context minus ``max_new_tokens`` lose tokens from the left, and are counted.
 Generation stops at the end of the assistant turn: the EOS / end-of-turn token, or, for
-plain-text policies, the next "\\n\\nHuman:" marker.  Left padding, one seed per call.
+plain-text policies, the next "\\n\\nHuman:" marker.
+
+Several samples of one prompt share its prefill: the prompt is run once, its KV cache copied
+into a static cache for the whole group, and only the new tokens are decoded (on this 2-core
+CPU, 64 samples × 32 new tokens of SmolLM2-135M take 8 s instead of 22 s).  Single samples of
+many prompts are batched across prompts with left padding instead.  The random seed of a group
+is derived from (seed, prompt, group index), so a prompt's samples do not depend on which other
+prompts share the run, and an interrupted run resumed later draws exactly the same samples.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from service.formatting import Prompt, prompt_as_messages, prompt_as_text
 
 STOP_MARKERS = ("\n\nHuman:", "\n\nAssistant:")
+SHARED_PREFILL_MIN = 2  # samples per prompt from which the prompt's prefill is shared
+log = logging.getLogger(__name__)
+
+
+def default_dtype(device: str) -> str:
+    """bf16 on GPUs and on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX), else fp32."""
+    if device.startswith("cuda"):
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def _group_seed(seed: int, prompt: Prompt, group: int) -> int:
+    digest = hashlib.sha256(f"{seed}\0{prompt_as_text(prompt)}\0{group}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 @dataclass
@@ -47,11 +75,14 @@ class SamplingStats:
     empty: int = 0  # samples with no text after stripping
     unfinished: int = 0  # samples that hit max_new_tokens
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def merge(self, other: "SamplingStats") -> None:
+        for name in ("prompts", "samples", "prompt_truncated", "empty", "unfinished", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class Sampler:
-    def __init__(self, path: str | Path, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", dtype: str = "auto") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,7 +93,8 @@ class Sampler:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # masked out; only fills the left
-        model: Any = AutoModelForCausalLM.from_pretrained(resolved, dtype=getattr(torch, dtype))
+        self.dtype = default_dtype(device) if dtype == "auto" else dtype
+        model: Any = AutoModelForCausalLM.from_pretrained(resolved, dtype=getattr(torch, self.dtype))
         self.model = model.to(device).eval()
         self.device = device
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
@@ -70,6 +102,7 @@ class Sampler:
         limit: int = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         self.context = limit
         self._stop_ids = self._stop_token_ids()
+        self.shared_prefill = True
 
     def _stop_token_ids(self) -> list[int]:
         tok = self.tokenizer
@@ -104,6 +137,102 @@ class Sampler:
         self, prompts: Sequence[Prompt], n: int, args: SamplingArgs, progress: bool = True
     ) -> tuple[list[list[Sample]], SamplingStats]:
         """``n`` samples per prompt, in prompt order."""
+        out: list[list[Sample]] = [[] for _ in prompts]
+        stats = SamplingStats()
+        for i, samples, one in self.iter_samples(prompts, n, args, progress):
+            out[i] = samples
+            stats.merge(one)
+        return out, stats
+
+    def iter_samples(
+        self, prompts: Sequence[Prompt], n: int, args: SamplingArgs, progress: bool = True
+    ) -> Iterator[tuple[int, list[Sample], SamplingStats]]:
+        """Yield (prompt index, its ``n`` samples, their stats) prompt by prompt, as they finish."""
+        if n >= SHARED_PREFILL_MIN:
+            yield from self._iter_shared(prompts, n, args, progress)
+            return
+        samples, stats = self._sample_padded(prompts, n, args, progress)
+        for i, s in enumerate(samples):
+            yield i, s, stats if i == 0 else SamplingStats()
+
+    def _iter_shared(
+        self, prompts: Sequence[Prompt], n: int, args: SamplingArgs, progress: bool
+    ) -> Iterator[tuple[int, list[Sample], SamplingStats]]:
+        import time
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts) * n, desc="sampling", unit="sample", disable=not progress)
+        for i, prompt in enumerate(prompts):
+            started = time.perf_counter()
+            stats = SamplingStats(prompts=1, samples=n)
+            ids, cut = self.encode_prompt(prompt, args.max_new_tokens)
+            stats.prompt_truncated = int(cut > 0)
+            samples: list[Sample] = []
+            for group, start in enumerate(range(0, n, args.batch_size)):
+                size = min(args.batch_size, n - start)
+                rows = self._generate_shared(ids, size, args, _group_seed(args.seed, prompt, group))
+                samples.extend(self._decoded(rows, stats))
+                bar.update(size)
+            stats.seconds = round(time.perf_counter() - started, 2)
+            yield i, samples, stats
+        bar.close()
+
+    def _generate_shared(self, ids: list[int], size: int, args: SamplingArgs, seed: int) -> list[list[int]]:
+        """``size`` continuations of one prompt; the prompt's prefill is computed once."""
+        import torch
+
+        input_ids = torch.tensor([ids] * size, device=self.device)  # (B, T)
+        cache = self._shared_prefix_cache(ids, size, args.max_new_tokens) if self.shared_prefill else None
+        torch.manual_seed(seed)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # `past_key_values` is named `cache` in newer releases
+            gen = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+                do_sample=True, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                eos_token_id=self._stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+            )[:, len(ids):]  # (B, new)
+        return list(gen.tolist())
+
+    def _shared_prefix_cache(self, ids: list[int], size: int, max_new_tokens: int) -> Any:
+        """A static KV cache holding all but the last prompt token, copied ``size`` times."""
+        import torch
+
+        try:
+            from transformers import DynamicCache, StaticCache
+
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                prefix = DynamicCache(config=self.model.config)
+                self.model(torch.tensor([ids[:-1]], device=self.device), past_key_values=prefix, use_cache=True)
+                cache = StaticCache(config=self.model.config, max_cache_len=len(ids) + max_new_tokens)
+                for layer, kv in enumerate(prefix.layers):
+                    cache.update(kv.keys.expand(size, -1, -1, -1).contiguous(),
+                                 kv.values.expand(size, -1, -1, -1).contiguous(), layer)
+            return cache
+        except Exception as exc:  # an architecture or transformers release without this cache API
+            log.warning("shared prefill unavailable (%s: %s); prompts are prefilled per sample",
+                        type(exc).__name__, exc)
+            self.shared_prefill = False
+            return None
+
+    def _decoded(self, rows: list[list[int]], stats: SamplingStats) -> list[Sample]:
+        out = []
+        for row in rows:
+            ended = any(t in self._stop_ids for t in row)
+            if ended:
+                row = row[: next(k for k, t in enumerate(row) if t in self._stop_ids)]
+            text, marked = self._clean(str(self.tokenizer.decode(row, skip_special_tokens=True)))
+            sample = Sample(text=text, tokens=len(row), finished=ended or marked)
+            stats.empty += not text
+            stats.unfinished += not sample.finished
+            out.append(sample)
+        return out
+
+    def _sample_padded(
+        self, prompts: Sequence[Prompt], n: int, args: SamplingArgs, progress: bool
+    ) -> tuple[list[list[Sample]], SamplingStats]:
+        """Few samples of many prompts: batched across prompts with left padding."""
         import time
 
         import torch
@@ -133,14 +262,7 @@ class Sampler:
                     top_p=args.top_p, max_new_tokens=args.max_new_tokens, eos_token_id=self._stop_ids,
                     pad_token_id=pad,
                 )[:, width:]  # (B, new)
-            for (i, _), row in zip(batch, gen.tolist()):
-                ended = any(t in self._stop_ids for t in row)
-                if ended:
-                    row = row[: next(k for k, t in enumerate(row) if t in self._stop_ids)]
-                text, marked = self._clean(str(self.tokenizer.decode(row, skip_special_tokens=True)))
-                sample = Sample(text=text, tokens=len(row), finished=ended or marked)
-                stats.empty += not text
-                stats.unfinished += not sample.finished
+            for (i, _), sample in zip(batch, self._decoded(gen.tolist(), stats)):
                 out[i].append(sample)
             bar.update(len(batch))
         bar.close()
