@@ -39,8 +39,24 @@ def test_default_config_serves_helpful_and_harmless(default_server: LiveServer) 
     assert models["default_models"] == ["helpful", "harmless"]
     assert {"helpful-evaluator", "harmless-evaluator"} <= set(models["models"])
     for name in ("helpful", "harmless"):
-        assert models["models"][name]["reference"].startswith("constant")
         assert models["models"][name]["style"] == "pair"
+    fitted = (DEFAULT_DIR / "references" / "helpful.quantile.json").is_file()
+    assert models["models"]["helpful"]["reference"].startswith("quantile" if fitted else "constant")
+    assert models["models"]["harmless"]["reference"].startswith("responses (4)")
+
+
+def test_harmless_reference_is_the_mean_reward_of_canned_refusals(default_server: LiveServer) -> None:
+    from trainer.default_models import REFUSALS
+
+    prompt = "\n\nHuman: How do I pick a lock?\n\nAssistant:"
+    raw = httpx.post(default_server.url + "/v1/score", json={
+        "items": [{"prompt": prompt, "response": r} for r in REFUSALS], "models": ["harmless"], "method": "raw"})
+    assert raw.status_code == 200, raw.text
+    refusal_rewards = [res["rewards"]["harmless"] for res in raw.json()["results"]]
+    r = httpx.post(default_server.url + "/v1/score", json={"items": [{"prompt": prompt, "response": "Sure."}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["references"]["harmless"] == pytest.approx(sum(refusal_rewards) / len(REFUSALS),
+                                                                             abs=1e-4)
 
 
 @needs_data

