@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -14,6 +9,7 @@ import httpx
 import pytest
 import yaml
 
+from clients.local import LocalService, free_port
 from service.config import Settings
 from tests.tiny import CHAT_TEMPLATE, make_tiny_bert, make_tiny_gpt2
 
@@ -76,54 +72,19 @@ async def client(two_model_settings: Settings) -> AsyncIterator[httpx.AsyncClien
         yield c
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
+class LiveServer(LocalService):
     """``logand serve --config FILE`` in a subprocess on 127.0.0.1: the path a user takes."""
 
     def __init__(self, config: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": self.port}}
+        port = free_port()
+        config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
         self.config_path = tmp / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "server.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--config", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=REPO,
-        )
+        super().__init__(self.config_path, tmp / "server.log", env, port)
 
-    def wait_ready(self, timeout: float = 120.0, headers: dict[str, str] | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2, headers=headers).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+    def wait_ready(self, timeout: float = 120.0, headers: dict[str, str] | None = None) -> "LiveServer":
+        super().wait_ready(timeout, headers)
+        return self
 
 
 @pytest.fixture(scope="module")

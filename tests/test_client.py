@@ -111,3 +111,21 @@ def test_api_key_is_sent(tiny_bert, tmp_path) -> None:  # type: ignore[no-untype
         assert exc.value.status == 401
     finally:
         server.stop()
+
+
+def test_service_local_starts_a_service_for_the_block_and_stops_it(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    from clients.local import service_url
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "enc", "path": str(tiny_bert), "device": "cpu"}],
+                                      "engine": {"threads": 1}}))
+    with service_url("local", config) as url:
+        with RewardClient(url) as rc:
+            assert rc.models()["default_models"] == ["enc"]
+            assert len(rc.score([("\n\nHuman: hi\n\nAssistant:", "hello")])) == 1
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=2)
+    with service_url("http://example.invalid:1") as same:
+        assert same == "http://example.invalid:1"

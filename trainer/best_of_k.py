@@ -58,11 +58,10 @@ def expected_best_of_k(utilities: np.ndarray, outcomes: np.ndarray, ks: Sequence
 
 # -- logand best-of-k ----------------------------------------------------------------------
 def run(args: argparse.Namespace) -> Path:
-    from clients.client import RewardClient
     from tqdm.auto import tqdm
 
     from trainer.sampling import Sampler
-    from trainer.samples import sampling_args, select_prompts
+    from trainer.samples import reward_client, sampling_args, select_prompts
 
     started = time.perf_counter()
     prompts = list(args.prompt or []) or select_prompts(args.data or [], args.split, args.prompts,
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> Path:
         return out
     sampler = Sampler(args.policy, device=args.device, dtype=args.dtype)
     written = 0
-    with RewardClient(args.service, api_key=args.api_key, max_retries=10) as client, out.open("a") as log:
+    with reward_client(args) as client, out.open("a") as log:
         bar = tqdm(total=len(todo), desc=f"best-of-{args.k}", unit="prompt")
         for i, samples, _ in sampler.iter_samples(todo, args.k, sampling_args(args), progress=False):
             texts = [s.text for s in samples if s.text]
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    from trainer.samples import add_sampling_arguments
+    from trainer.samples import add_sampling_arguments, add_service_arguments
 
     p = subparsers.add_parser("best-of-k", help="best of k policy samples per prompt, ranked by the service",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,8 +113,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             action.required = False
     p.add_argument("--prompt", action="append", help="a prompt (HH transcript or plain question); repeatable")
     p.add_argument("--split", default="align_heldout", help="prompt split of --data")
-    p.add_argument("--service", default="http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=None)
+    add_service_arguments(p)
     p.add_argument("--models", nargs="*", default=None, help="models to rank by (default: the service's defaults)")
     p.add_argument("--method", default=None, help="aggregation (default: the service's, log_sigmoid_sum)")
     p.add_argument("--out", default="runs/best-of-k.jsonl", help="JSONL, one line per prompt; extended on rerun")

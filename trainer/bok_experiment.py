@@ -210,9 +210,8 @@ def write_outputs(analysis: dict[str, Any], summary: dict[str, Any], out: Path, 
 
 
 def run(args: argparse.Namespace) -> dict[str, Path]:
-    from clients.client import RewardClient
     from trainer.sampling import Sampler
-    from trainer.samples import fill_bank, read_bank, sampling_args, score_bank, select_prompts
+    from trainer.samples import fill_bank, read_bank, reward_client, sampling_args, score_bank, select_prompts
 
     started = time.perf_counter()
     prompts = select_prompts(args.data, args.split, args.prompts, args.heldout_fraction, args.seed)
@@ -223,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     bank = Path(args.bank)
     fill_bank(bank, prompts, lambda: Sampler(args.policy, device=args.device, dtype=args.dtype), args.k,
               sampling_args(args), policy=str(args.policy))
-    with RewardClient(args.service, api_key=args.api_key, max_retries=10) as client:
+    with reward_client(args) as client:
         score_bank(bank, client, list(models.values()))
     wanted = set(prompts)
     records = [r for r in read_bank(bank) if r["prompt"] in wanted]
@@ -241,14 +240,13 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def register(experiments: Any) -> argparse.ArgumentParser:
-    from trainer.samples import add_sampling_arguments
+    from trainer.samples import add_sampling_arguments, add_service_arguments
 
     p = experiments.add_parser("best-of-k", help="AND-win rate of best-of-k: transformed sum vs weighted raw sum",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_arguments(p, k=64)
     p.add_argument("--split", default="align_heldout")
-    p.add_argument("--service", default="http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=None)
+    add_service_arguments(p)
     p.add_argument("--bank", default="runs/bank/align_heldout.jsonl", help="sample bank to use and extend")
     p.add_argument("--help-model", default="helpful")
     p.add_argument("--harm-model", default="harmless")

@@ -83,9 +83,8 @@ def fit_from_bank(records: Sequence[dict[str, Any]], models: Sequence[str], l2: 
 
 
 def run(args: argparse.Namespace) -> dict[str, Path]:
-    from clients.client import RewardClient
     from trainer.sampling import Sampler
-    from trainer.samples import fill_bank, read_bank, sampling_args, score_bank, select_prompts
+    from trainer.samples import fill_bank, read_bank, reward_client, sampling_args, score_bank, select_prompts
 
     started = time.perf_counter()
     prompts = select_prompts(args.data, args.split, args.prompts, args.heldout_fraction, args.seed)
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     counts = fill_bank(bank, prompts, lambda: Sampler(args.policy, device=args.device, dtype=args.dtype), args.k,
                        sampling_args(args), policy=str(args.policy))
     # generous retries: a service restart mid-run is waited out, never a lost or duplicated prompt
-    with RewardClient(args.service, api_key=args.api_key, max_retries=10) as client:
+    with reward_client(args) as client:
         models = args.models or client.models()["default_models"]
         score_bank(bank, client, models)
     wanted = set(prompts)
@@ -117,12 +116,11 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from trainer.samples import add_sampling_arguments
+    from trainer.samples import add_sampling_arguments, add_service_arguments
 
     add_sampling_arguments(p, k=64)
     a = p.add_argument
-    a("--service", default="http://127.0.0.1:8000", help="URL of the running logand service")
-    a("--api-key", default=None, help="service API key")
+    add_service_arguments(p)
     a("--models", nargs="*", default=None, help="reward models to fit for (default: the service's defaults)")
     a("--split", default="align_train", help="prompt split to fit on")
     a("--bank", default=None, help="sample bank to use and extend (default: OUT/samples.jsonl)")

@@ -21,11 +21,12 @@ Scoring rewrites the file atomically (temp file + rename) once the missing model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from service.formatting import Prompt
 
@@ -167,6 +168,26 @@ def add_sampling_arguments(p: argparse.ArgumentParser, k: int, max_new_tokens: i
     a("--seed", type=int, default=0)
 
 
+def add_service_arguments(p: argparse.ArgumentParser, default: str | None = "http://127.0.0.1:8000") -> None:
+    a = p.add_argument
+    a("--service", default=default, help="URL of the logand service, or 'local' to start one for this command"
+      + ("" if default else " (default: no scoring)"))
+    a("--service-config", default=None, help="config of the service started by --service local (default: embedded)")
+    a("--api-key", default=None, help="service API key")
+
+
+@contextlib.contextmanager
+def reward_client(ns: argparse.Namespace) -> Iterator[Any]:
+    """A client of ``ns.service`` (started here for ``local``), with retries generous enough to
+    wait out a service restart: the caller never loses or duplicates work to one."""
+    from clients.client import RewardClient
+    from clients.local import service_url
+
+    with service_url(ns.service, ns.service_config) as url, \
+            RewardClient(url, api_key=ns.api_key, max_retries=10) as client:
+        yield client
+
+
 def sampling_args(ns: argparse.Namespace) -> Any:
     from trainer.sampling import SamplingArgs
 
@@ -189,9 +210,7 @@ def run_sample(ns: argparse.Namespace) -> int:
           f"({counts['prompt_truncated']} prompts cut from the left, {counts['empty']} empty samples dropped) "
           f"in {time.perf_counter() - started:.1f} s")
     if ns.service:
-        from clients.client import RewardClient
-
-        with RewardClient(ns.service, api_key=ns.api_key, max_retries=10) as client:
+        with reward_client(ns) as client:
             models = ns.models or client.models()["default_models"]
             scored = score_bank(ns.out, client, models)
         print(f"scored {scored} prompts under {', '.join(models)}")
@@ -204,8 +223,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_sampling_arguments(p, k=16)
     p.add_argument("--split", default="align_heldout", help="prompt split (rm_train, rm_heldout, align_train, align_heldout)")
     p.add_argument("--out", required=True, help="the bank (JSONL); an existing bank is extended, not overwritten")
-    p.add_argument("--service", default=None, help="also score the bank through this service URL")
+    add_service_arguments(p, default=None)
     p.add_argument("--models", nargs="*", default=None, help="models to score (default: the service's defaults)")
-    p.add_argument("--api-key", default=None, help="service API key")
     p.set_defaults(func=run_sample)
     return p

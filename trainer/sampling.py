@@ -207,8 +207,9 @@ class Sampler:
                 self.model(torch.tensor([ids[:-1]], device=self.device), past_key_values=prefix, use_cache=True)
                 cache = StaticCache(config=self.model.config, max_cache_len=len(ids) + max_new_tokens)
                 for layer, kv in enumerate(prefix.layers):
-                    cache.update(kv.keys.expand(size, -1, -1, -1).contiguous(),
-                                 kv.values.expand(size, -1, -1, -1).contiguous(), layer)
+                    keys, values = getattr(kv, "keys"), getattr(kv, "values")  # (1, heads, T, d) each
+                    cache.update(keys.expand(size, -1, -1, -1).contiguous(),
+                                 values.expand(size, -1, -1, -1).contiguous(), layer)
             return cache
         except Exception as exc:  # an architecture or transformers release without this cache API
             log.warning("shared prefill unavailable (%s: %s); prompts are prefilled per sample",

@@ -1,0 +1,98 @@
+"""A logand service of one's own: ``logand serve`` in a subprocess on a free loopback port.
+
+Used by commands that accept ``--service local`` (fit-reference, sample, the experiments), so
+one command line runs a whole experiment, and by the test suite (the path a user takes)::
+
+    with LocalService(config=None) as svc:   # the embedded default models
+        RewardClient(svc.url).score(...)
+
+The server's output goes to ``log_path`` (a temporary file unless given); start-up failures
+raise with that log attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalService:
+    def __init__(self, config: str | Path | None = None, log_path: str | Path | None = None,
+                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="logand-serve-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        self._log = self.log_path.open("wb")
+        cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parent.parent)
+
+    def wait_ready(self, timeout: float = 300.0, headers: dict[str, str] | None = None) -> "LocalService":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2, headers=headers).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> "LocalService":
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def service_url(spec: str, config: str | Path | None = None) -> Iterator[str]:
+    """``spec`` itself, or — for ``"local"`` — the URL of a service started for the block."""
+    if spec != "local":
+        yield spec
+        return
+    print("starting a local logand service" + (f" with {config}" if config else " (embedded default models)"),
+          file=sys.stderr)
+    with LocalService(config) as svc:
+        yield svc.url
