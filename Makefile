@@ -60,28 +60,29 @@ HELDOUT_PROMPTS ?= 100
 HELDOUT_K ?= 64
 MAX_NEW_TOKENS ?= 64
 DEVICE ?= cpu
+RUN ?= runs
+REPORTS ?= reports
 RUN_ARGS := --policy $(POLICY_OUT) $(HH) --max-new-tokens $(MAX_NEW_TOKENS) --device $(DEVICE) --service local
 $(POLICY_OUT)/config.json:
 	$(MAKE) policy
 reference: $(STAMP) $(POLICY_OUT)/config.json
 	$(BIN)/logand fit-reference $(RUN_ARGS) --prompts $(REF_PROMPTS) --k $(REF_K) --batch-size $(REF_K) \
-		--bank runs/bank/align_train.jsonl --models helpful harmless --out runs/reference
+		--bank $(RUN)/bank/align_train.jsonl --models helpful harmless --out $(RUN)/reference
 	$(BIN)/logand sample $(RUN_ARGS) --split align_heldout --prompts $(HELDOUT_PROMPTS) --k $(HELDOUT_K) \
-		--out runs/bank/align_heldout.jsonl --models helpful harmless helpful-evaluator harmless-evaluator
-	$(BIN)/logand calibrate-reference --references runs/reference --train-bank runs/bank/align_train.jsonl \
-		--heldout-bank runs/bank/align_heldout.jsonl --models helpful harmless --out reports/reference
+		--out $(RUN)/bank/align_heldout.jsonl --models helpful harmless helpful-evaluator harmless-evaluator
+	$(BIN)/logand calibrate-reference --references $(RUN)/reference --train-bank $(RUN)/bank/align_train.jsonl \
+		--heldout-bank $(RUN)/bank/align_heldout.jsonl --models helpful harmless --out $(REPORTS)/reference
 	mkdir -p service/default_models/references
-	cp runs/reference/helpful.quantile.json runs/reference/harmless.quantile.json service/default_models/references/
+	cp $(RUN)/reference/helpful.quantile.json $(RUN)/reference/harmless.quantile.json service/default_models/references/
 	$(BIN)/python -m trainer.default_models --config-only
 
 # The paper's best-of-k AND experiment (Figures 6a, 7) on held-out prompts, CPU scale.
-# GPU scale (one H200): make reference DEVICE=cuda REF_PROMPTS=1868 REF_K=64 MAX_NEW_TOKENS=128, then
-# make experiment-best-of-k DEVICE=cuda HELDOUT_PROMPTS=447 HELDOUT_K=191 MAX_NEW_TOKENS=128 BOK_OUT=reports/best-of-k-gpu BANK=runs/bank/align_heldout-gpu.jsonl
-BOK_OUT ?= reports/best-of-k
-BANK ?= runs/bank/align_heldout.jsonl
+# GPU scale (one H200), in folders of their own:
+#   make reference experiment-best-of-k DEVICE=cuda RUN=runs/gpu REPORTS=reports/gpu \
+#        REF_PROMPTS=1868 REF_K=64 HELDOUT_PROMPTS=447 HELDOUT_K=191 MAX_NEW_TOKENS=128
 experiment-best-of-k: $(STAMP) $(POLICY_OUT)/config.json
 	$(BIN)/logand experiment best-of-k $(RUN_ARGS) --prompts $(HELDOUT_PROMPTS) --k $(HELDOUT_K) \
-		--batch-size $(HELDOUT_K) --bank $(BANK) --out $(BOK_OUT)
+		--batch-size $(HELDOUT_K) --bank $(RUN)/bank/align_heldout.jsonl --out $(REPORTS)/best-of-k
 
 # Static types: mypy-clean on service/, clients/ and trainer/.
 check: $(STAMP)
