@@ -69,3 +69,50 @@ async def test_fit_reference_end_to_end(live_server: LiveServer, tiny_bert: Path
         ref = r.json()["results"][0]["references"]["enc"]
     mu, sigma = QuantilePredictor.load(written["enc"]).predict(prompt)
     assert ref == pytest.approx(mu + 1.0364333894937898 * sigma)
+
+
+def test_scoring_a_bank_waits_out_a_service_restart(tiny_bert: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service is stopped after the first scored prompt and restarted on the same port a
+    moment later: the client's retries wait it out, every prompt is scored exactly once, and the
+    rewards equal those of an uninterrupted run."""
+    import threading
+
+    import yaml
+
+    from clients.client import RewardClient
+    from clients.local import LocalService, free_port
+    from trainer import samples
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "enc", "path": str(tiny_bert), "device": "cpu"}],
+                                      "engine": {"threads": 1}}))
+    records = [{"prompt": f"\n\nHuman: question {i}\n\nAssistant:", "samples": [f"answer {i}", f"reply {i} ok"],
+                "rewards": {}} for i in range(4)]
+    samples.write_bank(tmp_path / "bank.jsonl", records)
+    monkeypatch.setattr(samples, "SCORE_CHUNK_PROMPTS", 1)
+    port = free_port()
+    servers = [LocalService(config, tmp_path / "a.log", port=port).wait_ready()]
+
+    class RestartingClient(RewardClient):
+        calls = 0
+
+        def score(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            RestartingClient.calls += 1
+            if RestartingClient.calls == 2:  # after the first prompt: stop, and come back in 2 s
+                servers[0].stop()
+                threading.Timer(2.0, lambda: servers.append(LocalService(config, tmp_path / "b.log", port=port))).start()
+            return super().score(*args, **kwargs)
+
+    try:
+        with RestartingClient(f"http://127.0.0.1:{port}", max_retries=10, backoff_s=0.5) as client:
+            assert samples.score_bank(tmp_path / "bank.jsonl", client, ["enc"], progress=False) == 4
+            scored = samples.read_bank(tmp_path / "bank.jsonl")
+            direct = client.score([(r["prompt"], s) for r in records for s in r["samples"]], models=["enc"])
+    finally:
+        for s in servers:
+            s.stop()
+    assert len(servers) == 2, "the service was not restarted"
+    assert [len(r["rewards"]["enc"]) for r in scored] == [2, 2, 2, 2]
+    assert [x for r in scored for x in r["rewards"]["enc"]] == pytest.approx([d.rewards["enc"] for d in direct],
+                                                                               abs=1e-5)
