@@ -125,6 +125,34 @@ class ServerConfig(_Section):
     cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins (off when empty)")
 
 
+class CompatConfig(_Section):
+    """How requests of external RL trainers (OpenRLHF ``/get_reward``, verl ``/classify``) are read."""
+
+    prompt_format: Literal["auto", "passthrough", "chat_template"] = Field(
+        "auto", description="passthrough: prompts are what the reward models expect (HH transcripts or plain "
+                            "text); chat_template: text rendered with policy_tokenizer's chat template is parsed "
+                            "back into turns; auto: chat_template when policy_tokenizer is set")
+    policy_tokenizer: str | None = Field(
+        None, description="tokenizer (directory, pkg:/hub reference) whose chat template rendered the trainer's text")
+    keep_system: bool = Field(False, description="keep system turns parsed from rendered text (default: dropped)")
+    end_tokens: list[str] = Field(
+        default_factory=list, description="extra whole tokens stripped from the end of responses (besides the "
+                                          "policy tokenizer's EOS, pad and end-of-turn tokens)")
+    allow_truncation: bool = Field(
+        True, description="cut responses over a model's context instead of failing: a trainer cannot fix them")
+    trust_remote_code: bool = Field(False, description="allow custom code when loading policy_tokenizer")
+
+    @property
+    def uses_template(self) -> bool:
+        return self.prompt_format == "chat_template" or (self.prompt_format == "auto" and bool(self.policy_tokenizer))
+
+    @model_validator(mode="after")
+    def _tokenizer_given(self) -> "CompatConfig":
+        if self.prompt_format == "chat_template" and not self.policy_tokenizer:
+            raise ValueError("prompt_format 'chat_template' needs policy_tokenizer")
+        return self
+
+
 class Settings(_Section):
     models: list[ModelConfig] = Field(min_length=1, description="reward models to host")
     default_models: list[str] | None = Field(None, description="models scored when a request names none (default: all)")
@@ -133,6 +161,7 @@ class Settings(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    compat: CompatConfig = Field(default_factory=CompatConfig)
     base_dir: str | None = Field(None, description="folder relative model paths are resolved against (default: the config file's)")
 
     @field_validator("default_method")

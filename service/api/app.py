@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request, Response
 
 from .. import __version__
+from ..compat import TrainerAdapter
 from ..config import Settings
 from ..scoring import ScoringService
 from . import errors, routes
@@ -25,6 +27,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.adapter = await asyncio.to_thread(TrainerAdapter.build, settings.compat, settings.base_dir)
         await service.start()
         metrics.ready.set(1)
         log.info("ready: %s", ", ".join(service.models))
@@ -43,6 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = service
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.adapter = None  # built at start-up (may load the policy tokenizer)
     errors.install(app)
     app.include_router(routes.router)
 

@@ -8,7 +8,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from .. import protocol as p
-from ..errors import NotReady
+from ..compat import (ClassifyRequest, ClassifyResponse, GetRewardRequest, GetRewardResponse, TrainerAdapter,
+                      classify_response, get_reward_response, score_request)
+from ..errors import InvalidRequest, NotReady
 from ..scoring import ScoringService
 from .errors import error_response
 
@@ -36,6 +38,39 @@ async def score(req: p.ScoreRequest, request: Request) -> p.ScoreResponse:
 async def utility(req: p.UtilityRequest, request: Request) -> p.UtilityResponse:
     """The same utility math on rewards the caller already has (no model call)."""
     return _service(request).utility(req)
+
+
+def _adapter(request: Request) -> TrainerAdapter:
+    adapter: TrainerAdapter | None = request.app.state.adapter
+    if adapter is None:
+        raise NotReady("models are loading")
+    return adapter
+
+
+@router.post("/get_reward", response_model=GetRewardResponse, responses=ERRORS, tags=["trainers"])
+async def get_reward(req: GetRewardRequest, request: Request) -> GetRewardResponse:
+    """OpenRLHF's remote reward model (`--remote_rm_url http://host:port/get_reward`)."""
+    if req.prompts is not None and len(req.prompts) != len(req.query):
+        raise InvalidRequest(f"prompts has {len(req.prompts)} entries but query has {len(req.query)}", "prompts")
+    adapter, svc = _adapter(request), _service(request)
+    pairs = [adapter.query_item(q, req.prompts[i] if req.prompts is not None else None, f"query.{i}")
+             for i, q in enumerate(req.query)]
+    scored = await svc.score(score_request(pairs, svc.settings.compat.allow_truncation))
+    return get_reward_response(scored.results)
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["trainers"])
+async def classify(req: ClassifyRequest, request: Request) -> ClassifyResponse:
+    """vLLM's classification API, as verl's reward loop calls it: `probs[-1]` is the utility
+    (or, when `model` names a hosted reward model, that model's raw reward)."""
+    adapter, svc = _adapter(request), _service(request)
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    pairs = [adapter.transcript_item(t, "input" if isinstance(req.input, str) else f"input.{i}")
+             for i, t in enumerate(texts)]
+    model = req.model if req.model in svc.models else None
+    scored = await svc.score(score_request(pairs, svc.settings.compat.allow_truncation,
+                                           models=[model] if model else None, method="raw" if model else None))
+    return classify_response(req, scored.results, model, scored.method)
 
 
 @router.get("/v1/models", response_model=p.ModelsResponse, tags=["info"])
