@@ -81,28 +81,14 @@ class SamplingStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-class Sampler:
-    def __init__(self, path: str | Path, device: str = "cpu", dtype: str = "auto") -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+class PromptEncoder:
+    """Prompt → policy token ids (chat template when the tokenizer has one), and the stop tokens."""
 
-        from service.modelpath import resolve_model_path
-
-        resolved = resolve_model_path(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolved)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token  # masked out; only fills the left
-        self.dtype = default_dtype(device) if dtype == "auto" else dtype
-        model: Any = AutoModelForCausalLM.from_pretrained(resolved, dtype=getattr(torch, self.dtype))
-        self.model = model.to(device).eval()
-        self.device = device
-        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
-        cfg = self.model.config
-        limit: int = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
-        self.context = limit
-        self._stop_ids = self._stop_token_ids()
-        self.shared_prefill = True
+    def __init__(self, tokenizer: Any, context: int) -> None:
+        self.tokenizer = tokenizer
+        self.context = context
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.stop_ids = self._stop_token_ids()
 
     def _stop_token_ids(self) -> list[int]:
         tok = self.tokenizer
@@ -125,6 +111,36 @@ class Sampler:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in {self.context} tokens")
         cut = max(0, len(ids) - room)
         return ids[cut:], cut
+
+
+def context_length(config: Any) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+
+
+class Sampler:
+    def __init__(self, path: str | Path, device: str = "cpu", dtype: str = "auto") -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from service.modelpath import resolve_model_path
+
+        resolved = resolve_model_path(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolved)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # masked out; only fills the left
+        self.dtype = default_dtype(device) if dtype == "auto" else dtype
+        model: Any = AutoModelForCausalLM.from_pretrained(resolved, dtype=getattr(torch, self.dtype))
+        self.model = model.to(device).eval()
+        self.device = device
+        self.encoder = PromptEncoder(self.tokenizer, context_length(self.model.config))
+        self.chat = self.encoder.chat
+        self.context = self.encoder.context
+        self._stop_ids = self.encoder.stop_ids
+        self.shared_prefill = True
+
+    def encode_prompt(self, prompt: Prompt, max_new_tokens: int) -> tuple[list[int], int]:
+        return self.encoder.encode_prompt(prompt, max_new_tokens)
 
     def _clean(self, text: str) -> tuple[str, bool]:
         for marker in STOP_MARKERS:
