@@ -11,6 +11,8 @@
     logand calibrate-reference …        coverage of fitted reference quantiles on held-out prompts
     logand best-of-k …                  best of k policy samples per prompt, ranked by the service
     logand ppo …                        PPO of a policy against the service's utilities (trainer/)
+    logand evaluate POLICY…             KL, evaluator win rates and shortcut rates of PPO policies
+    logand ppo-sweep …                  PPO per (method, γ), then evaluate and plot (Figures 3–5)
     logand experiment best-of-k …       the paper's AND-aggregation experiment (Figures 6a, 7)
 """
 
@@ -83,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance", type=float, default=1e-3, help="max |torch - onnx| accepted")
     e.set_defaults(func=_export_onnx)
 
-    from trainer import best_of_k, bok_experiment, calibration, fit_reference, policy, ppo, probe, samples, train_rm
+    from trainer import (best_of_k, bok_experiment, calibration, evaluate, fit_reference, policy, ppo, probe, samples,
+                         train_rm)
 
     train_rm.register(sub)
     probe.register(sub)
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.register(sub)
     best_of_k.register(sub)
     ppo.register(sub)
+    evaluate.register(sub)
     x = sub.add_parser("experiment", help="the paper's experiments, run against a live service")
     experiments = x.add_subparsers(dest="experiment", required=True)
     bok_experiment.register(experiments)

@@ -87,3 +87,32 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference(reward_server: LiveS
                              "--method", "log_sigmoid_sum"))
     assert result["history"][0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
     assert (tmp_path / "lora" / "policy" / "adapter_config.json").is_file()
+
+
+def test_sweep_trains_evaluates_and_plots(live_server: LiveServer, setup: tuple[Path, Path], tmp_path: Path) -> None:
+    from clients.client import RewardClient
+    from trainer.evaluate import shortcuts
+    from trainer.sampling import Sampler, SamplingArgs
+    from trainer.samples import fill_bank, score_bank, select_prompts
+
+    policy, data = setup
+    bank = tmp_path / "bank.jsonl"
+    prompts = select_prompts([str(data)], "align_heldout", 6)
+    fill_bank(bank, prompts, lambda: Sampler(policy), 4, SamplingArgs(max_new_tokens=6), progress=False)
+    with RewardClient(live_server.url) as client:
+        score_bank(bank, client, ["enc", "dec"], progress=False)
+    ns = build_parser().parse_args([
+        "ppo-sweep", "--policy", str(policy), "--data", str(data), "--service", live_server.url, "--models", "enc",
+        "--steps", "2", "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "6", "--lora-r", "0",
+        "--methods", "raw", "transformed", "--gammas", "0.05", "--sweep-out", str(tmp_path / "sweep"),
+        "--bank", str(bank), "--eval-prompts", "6", "--eval-max-new-tokens", "6", "--help-evaluator", "enc",
+        "--harm-evaluator", "dec", "--report", str(tmp_path / "report")])
+    assert ns.func(ns) == 0
+    report = tmp_path / "report"
+    assert {"report.md", "results.csv", "win_rate_vs_kl.png", "kl_matched_rewards.png", "shortcuts_vs_kl.png"} <= {
+        p.name for p in report.iterdir()}
+    rows = json.loads((report / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["sft", "raw", "transformed"] and all(r["prompts"] == 6 for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT policy against itself
+    assert shortcuts("Here:\n1. flour\n2. eggs")["list"] and shortcuts("Please see a Therapist.")["professional"]
+    assert not any(shortcuts("A dog is an animal.").values())
