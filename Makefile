@@ -12,7 +12,7 @@ DATA ?= ../shared/data/hh-rlhf
 MODELS_OUT ?= service/default_models
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all models policy reference experiment-best-of-k check clean help
+.PHONY: install serve test test-all models policy reference experiment-best-of-k ppo-sweep paper-gpu check clean help
 
 help:
 	@echo "make serve   - install into $(VENV) and serve the default reward models on 127.0.0.1:8000"
@@ -83,6 +83,29 @@ reference: $(STAMP) $(POLICY_OUT)/config.json
 experiment-best-of-k: $(STAMP) $(POLICY_OUT)/config.json
 	$(BIN)/logand experiment best-of-k $(RUN_ARGS) --prompts $(HELDOUT_PROMPTS) --k $(HELDOUT_K) \
 		--batch-size $(HELDOUT_K) --bank $(RUN)/bank/align_heldout.jsonl --out $(REPORTS)/best-of-k
+
+# The paper's PPO comparison (§5.2, Figures 3-5): raw vs transformed helpfulness reward over a
+# few KL weights, evaluated on the held-out bank.  CPU scale is a demonstration; the GPU line
+# below is sized for about 10 minutes on one H200.
+PPO_STEPS ?= 20
+PPO_BATCH ?= 8
+PPO_MINIBATCH ?= 4
+PPO_GAMMAS ?= 0.02 0.1
+PPO_DTYPE ?= float32
+EVAL_PROMPTS ?= 48
+ppo-sweep: $(STAMP) $(POLICY_OUT)/config.json
+	$(BIN)/logand ppo-sweep --policy $(POLICY_OUT) $(HH) --service local --models helpful --steps $(PPO_STEPS) \
+		--batch-size $(PPO_BATCH) --minibatch-size $(PPO_MINIBATCH) --max-new-tokens $(MAX_NEW_TOKENS) \
+		--dtype $(PPO_DTYPE) --device $(DEVICE) --methods raw transformed --gammas $(PPO_GAMMAS) \
+		--sweep-out $(RUN)/ppo-sweep --bank $(RUN)/bank/align_heldout.jsonl --eval-prompts $(EVAL_PROMPTS) \
+		--eval-max-new-tokens $(MAX_NEW_TOKENS) --eval-device $(DEVICE) --report $(REPORTS)/ppo
+
+# Everything at paper-like scale on one GPU (H200): references, best-of-k to k = 191, PPO sweep.
+paper-gpu:
+	$(MAKE) reference experiment-best-of-k DEVICE=cuda RUN=runs/gpu REPORTS=reports/gpu REF_PROMPTS=1868 \
+		REF_K=64 HELDOUT_PROMPTS=447 HELDOUT_K=191 MAX_NEW_TOKENS=128
+	$(MAKE) ppo-sweep DEVICE=cuda RUN=runs/gpu REPORTS=reports/gpu PPO_STEPS=60 PPO_BATCH=64 PPO_MINIBATCH=16 \
+		PPO_DTYPE=bfloat16 PPO_GAMMAS="0.01 0.03 0.1" EVAL_PROMPTS=447 MAX_NEW_TOKENS=128
 
 # Static types: mypy-clean on service/, clients/ and trainer/.
 check: $(STAMP)
