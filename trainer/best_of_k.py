@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> Path:
 
     started = time.perf_counter()
     prompts = list(args.prompt or []) or select_prompts(args.data or [], args.split, args.prompts,
-                                                        args.heldout_fraction, args.seed)
+                                                        args.heldout_fraction, args.split_seed)
     if not prompts:
         raise SystemExit("no prompts: give --prompt TEXT or --data FILE")
     out = Path(args.out)

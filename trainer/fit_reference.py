@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     from trainer.samples import fill_bank, read_bank, reward_client, sampling_args, score_bank, select_prompts
 
     started = time.perf_counter()
-    prompts = select_prompts(args.data, args.split, args.prompts, args.heldout_fraction, args.seed)
+    prompts = select_prompts(args.data, args.split, args.prompts, args.heldout_fraction, args.split_seed)
     if not prompts:
         raise SystemExit(f"no prompts in split {args.split} of {args.data}")
     out = Path(args.out)

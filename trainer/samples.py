@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -31,37 +32,42 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from service.formatting import Prompt
 
 SCORE_CHUNK_PROMPTS = 16  # prompts per scoring request group
+log = logging.getLogger(__name__)
 
 
 def select_prompts(data: Sequence[str], split: str, limit: int | None, heldout_fraction: float = 0.2,
-                   seed: int = 0) -> list[str]:
+                   split_seed: int = 0) -> list[str]:
     """Distinct prompts of one split, in a fixed pseudo-random order (a prefix is a fair mix of
-    the sources, e.g. helpful and harmless), at most ``limit`` of them."""
+    the sources, e.g. helpful and harmless), at most ``limit`` of them.  ``split_seed`` and
+    ``heldout_fraction`` must be those the reward models were trained with (0 and 0.2 for the
+    defaults), or held-out prompts leak into training."""
     from trainer.data import load_many, split_pairs
 
     pairs, _ = load_many(data)
-    prompts = list(dict.fromkeys(p.prompt for p in split_pairs(pairs, heldout_fraction, seed)[split]))
-    prompts.sort(key=lambda p: hashlib.sha256(f"order\0{seed}\0{p}".encode()).digest())
+    prompts = list(dict.fromkeys(p.prompt for p in split_pairs(pairs, heldout_fraction, split_seed)[split]))
+    prompts.sort(key=lambda p: hashlib.sha256(f"order\0{split_seed}\0{p}".encode()).digest())
     return prompts[:limit] if limit else prompts
 
 
 def read_bank(path: str | Path) -> list[dict[str, Any]]:
-    """Records in file order; a torn last line (a crash mid-write) is ignored."""
+    """One record per prompt in first-seen order, the latest line winning (a prompt resampled
+    with a larger K is appended again); a torn last line (a crash mid-write) is ignored."""
     path = Path(path)
     if not path.exists():
         return []
-    records = []
+    records: dict[str, dict[str, Any]] = {}
     lines = path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):
                 break
             raise ValueError(f"{path}:{number}: not JSON") from None
-    return records
+        records[record["prompt"]] = record
+    return list(records.values())
 
 
 def write_bank(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
@@ -83,21 +89,30 @@ def fill_bank(path: str | Path, prompts: Sequence[Prompt], make_sampler: Callabl
     Returns counts: prompts already present, sampled now, truncated prompts, empty samples."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    have = {r["prompt"] for r in read_bank(path) if len(r["samples"]) + r.get("empty", 0) >= k}
+    existing = read_bank(path)
+    have = {r["prompt"] for r in existing if len(r["samples"]) + r.get("empty", 0) >= k}
+    wanted = {_key(p) for p in prompts}
+    other = sorted({(r.get("max_new_tokens"), r.get("top_k", 50), r.get("temperature", 1.0)) for r in existing
+                    if r["prompt"] in wanted} - {(args.max_new_tokens, args.top_k, args.temperature)}, key=str)
+    if other:
+        log.warning("%s holds samples drawn with other settings (max_new_tokens, top_k, temperature) %s than "
+                    "asked for %s; they are reused as they are", path, other,
+                    (args.max_new_tokens, args.top_k, args.temperature))
     todo = [p for p in prompts if _key(p) not in have]
     counts = {"present": len(prompts) - len(todo), "sampled": 0, "prompt_truncated": 0, "empty": 0}
     if not todo:
         return counts
     _repair_tail(path)
     sampler = make_sampler()
-    with path.open("a") as log:
+    with path.open("a") as sink:
         for i, samples, stats in sampler.iter_samples(todo, k, args, progress=progress):
             kept = [s for s in samples if s.text]
             record = {"prompt": _key(todo[i]), "samples": [s.text for s in kept], "tokens": [s.tokens for s in kept],
                       "finished": [s.finished for s in kept], "empty": len(samples) - len(kept),
-                      "policy": policy, "seed": args.seed, "max_new_tokens": args.max_new_tokens, "rewards": {}}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+                      "policy": policy, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+                      "top_k": args.top_k, "temperature": args.temperature, "rewards": {}}
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
             counts["sampled"] += 1
             counts["prompt_truncated"] += stats.prompt_truncated
             counts["empty"] += record["empty"]
@@ -156,11 +171,13 @@ def add_sampling_arguments(p: argparse.ArgumentParser, k: int, max_new_tokens: i
     a = p.add_argument
     a("--policy", required=True, help="causal-LM directory or pkg:/hub reference (the SFT policy)")
     a("--data", action="append", required=True, help="preference file(s) whose prompts are used")
-    a("--heldout-fraction", type=float, default=0.2)
+    a("--heldout-fraction", type=float, default=0.2, help="as the reward models were trained with")
+    a("--split-seed", type=int, default=0, help="seed of the prompt split, as the reward models were trained with")
     a("--prompts", type=int, default=None, help="use at most this many prompts of the split")
     a("--k", type=int, default=k, help="samples per prompt")
     a("--temperature", type=float, default=1.0)
     a("--top-p", type=float, default=1.0)
+    a("--top-k", type=int, default=50, help="keep the k most likely tokens (50: transformers' default; 0: all)")
     a("--max-new-tokens", type=int, default=max_new_tokens)
     a("--batch-size", type=int, default=64, help="sequences decoded together")
     a("--dtype", default="auto", help="policy dtype: auto (bf16 where the hardware has it), float32, bfloat16")
@@ -191,7 +208,7 @@ def reward_client(ns: argparse.Namespace) -> Iterator[Any]:
 def sampling_args(ns: argparse.Namespace) -> Any:
     from trainer.sampling import SamplingArgs
 
-    return SamplingArgs(temperature=ns.temperature, top_p=ns.top_p, max_new_tokens=ns.max_new_tokens,
+    return SamplingArgs(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, max_new_tokens=ns.max_new_tokens,
                         batch_size=ns.batch_size, seed=ns.seed)
 
 
@@ -201,7 +218,7 @@ def run_sample(ns: argparse.Namespace) -> int:
     from trainer.sampling import Sampler
 
     started = time.perf_counter()
-    prompts = select_prompts(ns.data, ns.split, ns.prompts, ns.heldout_fraction, ns.seed)
+    prompts = select_prompts(ns.data, ns.split, ns.prompts, ns.heldout_fraction, ns.split_seed)
     if not prompts:
         raise SystemExit(f"no prompts in split {ns.split} of {ns.data}")
     counts = fill_bank(ns.out, prompts, lambda: Sampler(ns.policy, device=ns.device, dtype=ns.dtype), ns.k,

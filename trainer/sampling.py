@@ -41,6 +41,15 @@ def default_dtype(device: str) -> str:
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
+def clean_text(text: str) -> tuple[str, bool]:
+    """A sample cut at the first turn marker a plain-text policy invents; whether one was found."""
+    for marker in STOP_MARKERS:
+        at = text.find(marker)
+        if at >= 0:
+            return text[:at].strip(), True
+    return text.strip(), False
+
+
 def _group_seed(seed: int, prompt: Prompt, group: int) -> int:
     digest = hashlib.sha256(f"{seed}\0{prompt_as_text(prompt)}\0{group}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
@@ -52,6 +61,8 @@ class SamplingArgs:
     """softmax temperature (> 0)"""
     top_p: float = 1.0
     """nucleus sampling mass"""
+    top_k: int = 50
+    """keep the k most likely tokens (50: transformers' default decoding; 0: the full distribution)"""
     max_new_tokens: int = 128
     """tokens generated per sample at most"""
     batch_size: int = 16
@@ -142,13 +153,6 @@ class Sampler:
     def encode_prompt(self, prompt: Prompt, max_new_tokens: int) -> tuple[list[int], int]:
         return self.encoder.encode_prompt(prompt, max_new_tokens)
 
-    def _clean(self, text: str) -> tuple[str, bool]:
-        for marker in STOP_MARKERS:
-            at = text.find(marker)
-            if at >= 0:
-                return text[:at].strip(), True
-        return text.strip(), False
-
     def sample(
         self, prompts: Sequence[Prompt], n: int, args: SamplingArgs, progress: bool = True
     ) -> tuple[list[list[Sample]], SamplingStats]:
@@ -205,8 +209,8 @@ class Sampler:
             warnings.simplefilter("ignore", FutureWarning)  # `past_key_values` is named `cache` in newer releases
             gen = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-                do_sample=True, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                eos_token_id=self._stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                max_new_tokens=args.max_new_tokens, eos_token_id=self._stop_ids, pad_token_id=self.tokenizer.pad_token_id,
             )[:, len(ids):]  # (B, new)
         return list(gen.tolist())
 
@@ -239,7 +243,7 @@ class Sampler:
             ended = any(t in self._stop_ids for t in row)
             if ended:
                 row = row[: next(k for k, t in enumerate(row) if t in self._stop_ids)]
-            text, marked = self._clean(str(self.tokenizer.decode(row, skip_special_tokens=True)))
+            text, marked = clean_text(str(self.tokenizer.decode(row, skip_special_tokens=True)))
             sample = Sample(text=text, tokens=len(row), finished=ended or marked)
             stats.empty += not text
             stats.unfinished += not sample.finished
@@ -276,7 +280,7 @@ class Sampler:
             with torch.inference_mode():
                 gen = self.model.generate(
                     input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
-                    top_p=args.top_p, max_new_tokens=args.max_new_tokens, eos_token_id=self._stop_ids,
+                    top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, eos_token_id=self._stop_ids,
                     pad_token_id=pad,
                 )[:, width:]  # (B, new)
             for (i, _), sample in zip(batch, self._decoded(gen.tolist(), stats)):
