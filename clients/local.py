@@ -87,12 +87,17 @@ class LocalService:
 
 
 @contextlib.contextmanager
-def service_url(spec: str, config: str | Path | None = None) -> Iterator[str]:
-    """``spec`` itself, or — for ``"local"`` — the URL of a service started for the block."""
+def service_url(spec: str, config: str | Path | None = None, api_key: str | None = None) -> Iterator[str]:
+    """``spec`` itself, or — for ``"local"`` — the URL of a service started for the block
+    (``api_key``: the key it requires, if its config or environment sets one)."""
     if spec != "local":
         yield spec
         return
     print("starting a local logand service" + (f" with {config}" if config else " (embedded default models)"),
           file=sys.stderr)
-    with LocalService(config) as svc:
+    svc = LocalService(config)
+    try:
+        svc.wait_ready(headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
         yield svc.url
+    finally:
+        svc.stop()

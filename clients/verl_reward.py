@@ -12,7 +12,8 @@ The prompt must travel in the dataset's ``extra_info["prompt"]`` (an HH transcri
 or a list of chat messages): verl hands reward functions the decoded response
 (``solution_str``) but not the prompt.  Configuration comes from the environment of the verl
 workers: ``LOGAND_URL`` (default ``http://127.0.0.1:8000``), ``LOGAND_API_KEY``,
-``LOGAND_MODELS`` (comma-separated; default: the service's), ``LOGAND_METHOD``.
+``LOGAND_MODELS`` (comma-separated; default: the service's), ``LOGAND_METHOD``,
+``LOGAND_EMPTY_UTILITY`` (score of an empty response, not sent to the service; default −5).
 
 Each result is a dict: ``score`` (the utility verl optimises), ``p_all``, and one
 ``<model>_reward`` (raw) per model, which verl logs as extra reward info.
@@ -24,7 +25,7 @@ import os
 from typing import Any, Sequence
 
 from clients.client import RewardClient
-from clients.trainers import as_pair
+from clients.trainers import EMPTY_UTILITY, as_pair
 
 _client: RewardClient | None = None
 
@@ -50,10 +51,18 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
     """One dict per sample (see the module docstring), from one scoring call."""
     pairs = [as_pair(_prompt_of(info, i), s) for i, (s, info) in enumerate(zip(solution_strs, extra_infos, strict=True))]
     models = [m for m in os.environ.get("LOGAND_MODELS", "").split(",") if m] or None
-    results = _shared_client().score(pairs, models=models, method=os.environ.get("LOGAND_METHOD") or None,
-                                     allow_truncation=True)
-    return [{"score": r.utility, "p_all": r.p_all, **{f"{m}_reward": v for m, v in r.rewards.items()}}
-            for r in results]
+    todo = [p for p in pairs if p[1].strip()]
+    results = iter(_shared_client().score(todo, models=models, method=os.environ.get("LOGAND_METHOD") or None,
+                                          allow_truncation=True) if todo else [])
+    empty = float(os.environ.get("LOGAND_EMPTY_UTILITY", EMPTY_UTILITY))
+    out = []
+    for _, response in pairs:
+        if not response.strip():  # nothing to score: a fixed low utility, never a failed step
+            out.append({"score": empty, "p_all": 0.0})
+            continue
+        r = next(results)
+        out.append({"score": r.utility, "p_all": r.p_all, **{f"{m}_reward": v for m, v in r.rewards.items()}})
+    return out
 
 
 def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None,

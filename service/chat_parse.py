@@ -97,7 +97,10 @@ class RenderedChat:
         self.markup = learn_markup(render)
         self.keep_system = keep_system
         ends = {self.markup.footer.strip(), tokenizer.eos_token, tokenizer.pad_token, *extra_end_tokens}
-        self.end_tokens = tuple(sorted((t for t in ends if t), key=len, reverse=True))
+        self.end_tokens = tuple(sorted((t for t in ends if t and t.strip()), key=len, reverse=True))
+        self.pad_tokens = tuple(t for t in {tokenizer.pad_token, tokenizer.eos_token} if t and t.strip())
+        # a whitespace-only footer ("\n\n") also occurs inside turns: then only headers delimit turns
+        self.footer = self.markup.footer if self.markup.footer.strip() else None
         # text before the first header (BOS, a template's preamble) belongs to no turn
         self.starts = {r: h for r, h in self.markup.headers.items() if h}
 
@@ -114,23 +117,31 @@ class RenderedChat:
             else:
                 return stripped, cut
 
-    def parse(self, text: str) -> list[dict[str, str]]:
+    def strip_start(self, text: str) -> str:
+        """``text`` without leading pad tokens (trainers decode left-padded batches)."""
+        while True:
+            tok = next((t for t in self.pad_tokens if text.startswith(t)), None)
+            if tok is None:
+                return text
+            text = text[len(tok):]
+
+    def parse(self, text: str, drop_empty_last: bool = True) -> list[dict[str, str]]:
         """Messages of a rendered conversation; a trailing empty assistant turn (the generation
-        prompt) is dropped; the system turn is dropped unless ``keep_system``."""
+        prompt) is dropped unless told otherwise; the system turn is dropped unless ``keep_system``."""
         messages = []
         pos = self._next_header(text, 0)
         while pos is not None:
             role, at, header = pos
             start = at + len(header)
             nxt = self._next_header(text, start)
-            end_of_turn = text.find(self.markup.footer, start)
             stop = nxt[1] if nxt else len(text)
+            end_of_turn = text.find(self.footer, start) if self.footer else -1
             if 0 <= end_of_turn < stop:
                 stop = end_of_turn
             content, _ = self.strip_end(text[start:stop])
             messages.append({"role": role, "content": content.strip()})
             pos = nxt
-        if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        if drop_empty_last and messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
             messages.pop()
         if not self.keep_system:
             messages = [m for m in messages if m["role"] != "system"]
@@ -147,10 +158,12 @@ class RenderedChat:
     def split(self, query: str, prompt: str | None) -> tuple[list[dict[str, str]], str]:
         """(prompt messages, response) of ``query``; the response is the rest of ``query`` after
         ``prompt`` when it starts with it, else the last assistant turn of the parsed query."""
+        query = self.strip_start(query)
+        prompt = self.strip_start(prompt) if prompt is not None else None
         if prompt is not None and query.startswith(prompt):
             response, _ = self.strip_end(query[len(prompt):])
             return self.parse(prompt), response.strip()
-        messages = self.parse(query)
+        messages = self.parse(query, drop_empty_last=False)  # an empty answer is still an answer
         if not messages or messages[-1]["role"] != "assistant":
             raise ValueError("the query has no assistant turn after its prompt")
         return messages[:-1], messages[-1]["content"]

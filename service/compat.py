@@ -10,12 +10,14 @@ Both send text already rendered with the *policy's* chat template.  :class:`Trai
 turns each into the (prompt, response) the reward models expect, per ``compat`` in the config:
 
 ``passthrough``    the prompt is used as it is (an HH transcript or plain text); the response is
-                   the rest of the query after it.  ``/classify`` input must be an HH transcript
+                   the rest of the query after it.  With ``policy_tokenizer`` set, its EOS and
+                   pad tokens are cut (leading pads of left-padded batches too).  ``/classify`` input must be an HH transcript
                    ending in an assistant turn.
 ``chat_template``  the text is parsed back into turns with the policy tokenizer's template
                    (:mod:`service.chat_parse`), so chat-style reward models get messages.
 
-Either way trailing EOS / pad / end-of-turn tokens are cut from the response as whole tokens.
+Either way trailing EOS / pad / end-of-turn tokens (those of ``policy_tokenizer`` and
+``compat.end_tokens``) are cut from the response as whole tokens.
 Requests from different trainer workers are batched together by the engine like any others,
 so one-sample requests cost no more than a batch.  Field names in 4xx errors point at the
 offending sample (``query.3``).  Unknown body fields are accepted and ignored here (these
@@ -86,24 +88,28 @@ class ClassifyResponse(BaseModel):
 class TrainerAdapter:
     """Rendered trainer text → (prompt, response), per :class:`service.config.CompatConfig`."""
 
-    def __init__(self, cfg: CompatConfig, chat: Any = None) -> None:
+    def __init__(self, cfg: CompatConfig, chat: Any = None, tokenizer: Any = None) -> None:
         self.cfg = cfg
         self.chat = chat  # a service.chat_parse.RenderedChat when the template is used
-        self.end_tokens = tuple(sorted(set(cfg.end_tokens), key=len, reverse=True))
+        specials = [getattr(tokenizer, "eos_token", None), getattr(tokenizer, "pad_token", None)] if tokenizer else []
+        tokens = {t for t in [*cfg.end_tokens, *specials] if t and t.strip()}
+        self.end_tokens = tuple(sorted(tokens, key=len, reverse=True))  # cut from the end of a response
+        self.pad_tokens = tuple(t for t in specials if t and t.strip())  # cut from the start (left padding)
 
     @classmethod
     def build(cls, cfg: CompatConfig, base_dir: Any = None) -> "TrainerAdapter":
-        if not cfg.uses_template:
+        if not cfg.policy_tokenizer:
             return cls(cfg)
         from transformers import AutoTokenizer
 
         from .chat_parse import RenderedChat
         from .modelpath import resolve_model_path
 
-        assert cfg.policy_tokenizer is not None
         path = resolve_model_path(cfg.policy_tokenizer, base_dir)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        return cls(cfg, RenderedChat(tok, keep_system=cfg.keep_system, extra_end_tokens=tuple(cfg.end_tokens)))
+        if not cfg.uses_template:  # passthrough: the tokenizer only names the EOS / pad tokens to cut
+            return cls(cfg, tokenizer=tok)
+        return cls(cfg, RenderedChat(tok, keep_system=cfg.keep_system, extra_end_tokens=tuple(cfg.end_tokens)), tok)
 
     def _strip(self, text: str) -> str:
         if self.chat is not None:
@@ -114,6 +120,13 @@ class TrainerAdapter:
             if tok is None:
                 return text
             text = text[: -len(tok)]
+
+    def _strip_start(self, text: str) -> str:
+        while True:
+            tok = next((t for t in self.pad_tokens if text.startswith(t)), None)
+            if tok is None:
+                return text
+            text = text[len(tok):]
 
     def query_item(self, query: str, prompt: str | None, field: str) -> tuple[Prompt, str]:
         """OpenRLHF: (prompt, response) of one query and its rendered prompt."""
@@ -127,6 +140,7 @@ class TrainerAdapter:
             return messages, response
         if prompt is None:
             return self.transcript_item(query, field)
+        query, prompt = self._strip_start(query), self._strip_start(prompt)
         if not query.startswith(prompt):
             raise InvalidRequest(f"{field}: the query does not start with its prompt (prompts.{field.split('.')[-1]})",
                                  field)

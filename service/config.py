@@ -133,7 +133,8 @@ class CompatConfig(_Section):
                             "text); chat_template: text rendered with policy_tokenizer's chat template is parsed "
                             "back into turns; auto: chat_template when policy_tokenizer is set")
     policy_tokenizer: str | None = Field(
-        None, description="tokenizer (directory, pkg:/hub reference) whose chat template rendered the trainer's text")
+        None, description="tokenizer (directory, pkg:/hub reference) of the trainer's policy: its chat template "
+                          "(chat_template format) and its EOS / pad tokens, cut from responses")
     keep_system: bool = Field(False, description="keep system turns parsed from rendered text (default: dropped)")
     end_tokens: list[str] = Field(
         default_factory=list, description="extra whole tokens stripped from the end of responses (besides the "

@@ -146,3 +146,38 @@ def test_classify_answers_in_the_shape_verl_reads(compat_server: LiveServer) -> 
     assert raw.json()["data"][0]["probs"][-1] == pytest.approx(expected[0]["rewards"]["enc2"], abs=1e-5)
     bad = httpx.post(compat_server.url + "/classify", json={"input": ["fine?", 3]})
     assert bad.status_code == 422
+
+
+# A template whose only end-of-turn is a blank line (DeepSeek-style): it also occurs inside turns.
+BLANKLINE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n\n{% elif m['role'] == 'assistant' %}"
+    "Assistant: {{ m['content'] }}\n\n{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+def test_left_padded_queries_and_empty_answers_as_trainers_send_them() -> None:
+    tok = gpt2_tokenizer(chat_template=CHATML)
+    chat = RenderedChat(tok)
+    prompt = tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    padded = tok.pad_token * 3 + prompt + "Bake it." + "<|im_end|>" + tok.eos_token + tok.pad_token * 2
+    assert chat.split(padded, prompt) == (CONVERSATION, "Bake it.")
+    assert chat.split(padded, None) == (CONVERSATION, "Bake it.")
+    assert chat.split(prompt + "<|im_end|>", None) == (CONVERSATION, "")  # an empty answer is kept, as ""
+
+
+def test_blank_line_footers_do_not_cut_paragraphs() -> None:
+    chat = RenderedChat(gpt2_tokenizer(chat_template=BLANKLINE))
+    text = "User: first line\n\nsecond paragraph\n\nAssistant: one\n\ntwo\n\n"
+    assert chat.split(text, None) == ([{"role": "user", "content": "first line\n\nsecond paragraph"}], "one\n\ntwo")
+
+
+def test_passthrough_cuts_the_policy_tokenizers_pads_and_eos() -> None:
+    from service.compat import TrainerAdapter
+    from service.config import CompatConfig
+
+    tok = gpt2_tokenizer()
+    adapter = TrainerAdapter(CompatConfig(prompt_format="passthrough", end_tokens=["", "</s>"]), tokenizer=tok)
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    query = tok.pad_token * 2 + prompt + " Hello there." + "</s>" + tok.eos_token + tok.pad_token
+    assert adapter.query_item(query, prompt, "query.0") == (prompt, "Hello there.")

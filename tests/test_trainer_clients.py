@@ -75,3 +75,11 @@ def test_trl_grpo_trainer_runs_two_steps_against_the_service(live_server: LiveSe
     assert trainer.state.global_step == 2 and len(logs) == 2
     assert all(f"rewards/{name}/mean" in logs[0] for name in ("logand", "logand_async"))
     assert all(h["rewards/logand/mean"] < 0 for h in logs)  # a log σ utility is negative
+
+
+async def test_an_empty_completion_gets_the_empty_utility_not_an_error(live_server: LiveServer) -> None:
+    from clients.trainers import EMPTY_UTILITY
+
+    got = LogandReward(live_server.url, models=["enc"])(PROMPTS, ["", COMPLETIONS[1]])
+    assert got[0] == EMPTY_UTILITY and got[1] == pytest.approx(_expected(live_server, [(PROMPTS[1], COMPLETIONS[1])])[0]["utility"], abs=1e-5)
+    assert await AsyncLogandReward(live_server.url, models=["enc"])(PROMPTS[:1], ["  "]) == [EMPTY_UTILITY]

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> Path:
     from tqdm.auto import tqdm
 
     from trainer.sampling import Sampler
-    from trainer.samples import reward_client, sampling_args, select_prompts
+    from trainer.samples import repair_tail, read_bank, reward_client, sampling_args, select_prompts
 
     started = time.perf_counter()
     prompts = list(args.prompt or []) or select_prompts(args.data or [], args.split, args.prompts,
@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> Path:
         raise SystemExit("no prompts: give --prompt TEXT or --data FILE")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["prompt"] for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
+    done = {r["prompt"] for r in read_bank(out)}  # tolerates a torn last line
+    repair_tail(out)
     todo = [p for p in prompts if p not in done]
     if not todo:
         print(f"{out}: all {len(prompts)} prompts already done")

@@ -96,7 +96,8 @@ def summarise(analysis: dict[str, Any], seed: int = 0, n_boot: int = BOOTSTRAP) 
     stacked = np.stack([wins[n] for n in names])  # (M, P, K)
     n_prompts = stacked.shape[1]
     idx = rng.integers(0, n_prompts, size=(n_boot, n_prompts))  # (B, P)
-    boot = stacked[:, idx, :].mean(axis=2)  # (M, B, K)
+    counts = np.stack([np.bincount(row, minlength=n_prompts) for row in idx]).astype(float)  # (B, P)
+    boot = np.einsum("bp,mpk->mbk", counts, stacked) / n_prompts  # (M, B, K), no (M, B, P, K) copy
     means = stacked.mean(axis=1)  # (M, K)
     weighted = [i for i, n in enumerate(names) if n != TRANSFORMED]
     t = names.index(TRANSFORMED)
@@ -121,6 +122,8 @@ def summarise(analysis: dict[str, Any], seed: int = 0, n_boot: int = BOOTSTRAP) 
 
 def conclusion(comparison: Sequence[dict[str, Any]]) -> str:
     ks = [c for c in comparison if c["k"] > 1]
+    if not ks:
+        return "Nothing to compare: at k = 1 every method picks a random sample."
     ahead = [c["k"] for c in ks if c["diff"] > 0]
     clear = [c["k"] for c in ks if c["diff_ci"][0] > 0]
     behind = [c["k"] for c in ks if c["diff_ci"][1] < 0]

@@ -46,7 +46,8 @@ def calibrate(heldout: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]]
     """Coverage figures of one model's reference on held-out banks (records with rewards)."""
     rng = np.random.default_rng(seed)
     held = [r for r in heldout if len(r["rewards"].get(model, [])) >= 2]
-    pooled = np.concatenate([r["rewards"][model] for r in train if r["rewards"].get(model)])
+    scored = [r["rewards"][model] for r in train if r["rewards"].get(model)]
+    pooled = np.concatenate(scored) if scored else np.zeros(0)
     if not held or not len(pooled):
         raise SystemExit(f"{model}: no scored samples in the banks")
     rewards = [np.asarray(r["rewards"][model]) for r in held]

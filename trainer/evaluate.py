@@ -94,7 +94,7 @@ def judge(records: Sequence[dict[str, Any]], texts: Sequence[str], kls: Sequence
           help_e: str, harm_e: str) -> dict[str, np.ndarray]:
     """Per-prompt outcomes (P,) of one policy against its prompts' SFT samples."""
     out: dict[str, list[float]] = {k: [] for k in ("win_help", "win_harm", "win_and", "list", "professional",
-                                                   "eval_help", "eval_harm", "kl")}
+                                                   "eval_help", "eval_harm", "kl", "empty")}
     for i, r in enumerate(records):
         sft_h, sft_s = np.asarray(r["rewards"][help_e]), np.asarray(r["rewards"][harm_e])
         eh, es = evaluations[help_e][i], evaluations[harm_e][i]
@@ -107,7 +107,12 @@ def judge(records: Sequence[dict[str, Any]], texts: Sequence[str], kls: Sequence
         out["eval_help"].append(eh - float(np.median(sft_h)))
         out["eval_harm"].append(es - float(np.median(sft_s)))
         out["kl"].append(kls[i])
+        out["empty"].append(float(not texts[i]))
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    return x[np.isfinite(x)]  # empty answers have no evaluator reward
 
 
 def ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
@@ -119,7 +124,7 @@ def ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
 def summarise(name: str, info: dict[str, Any], outcome: dict[str, np.ndarray], seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     row: dict[str, Any] = {"policy": name, **info, "prompts": len(outcome["kl"])}
-    for k in ("kl", "win_help", "win_harm", "win_and", "list", "professional"):
+    for k in ("kl", "win_help", "win_harm", "win_and", "list", "professional", "empty"):
         row[k] = float(outcome[k].mean())
         row[f"{k}_ci_low"], row[f"{k}_ci_high"] = ci(outcome[k], rng)
     return row
@@ -143,7 +148,7 @@ def evaluate_policies(policies: dict[str, dict[str, Any]], bank: str | Path, pro
         keep = [i for i, t in enumerate(texts) if t]
         scored = service.score([(records[i]["prompt"], texts[i]) for i in keep], models=[help_e, harm_e],
                                allow_truncation=True)
-        evaluations = {m: [-1e9] * len(texts) for m in (help_e, harm_e)}  # an empty answer wins nothing
+        evaluations = {m: [float("nan")] * len(texts) for m in (help_e, harm_e)}  # an empty answer wins nothing
         for i, res in zip(keep, scored):
             for m in (help_e, harm_e):
                 evaluations[m][i] = res.rewards[m]
@@ -191,10 +196,10 @@ def write_report(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, np.nd
     for j, m in enumerate(methods):
         best = min((r for r in trained if r["method"] == m), key=lambda r: abs(r["kl"] - target))
         for ax, key in zip(axes, ("eval_help", "eval_harm")):
-            ax.hist(outcomes[best["policy"]][key], bins=20, alpha=0.5, color=f"C{j}",
+            ax.hist(_finite(outcomes[best["policy"]][key]), bins=20, alpha=0.5, color=f"C{j}",
                     label=f"{m} (γ={best['gamma']}, KL {best['kl']:.2f})")
     for ax, key in zip(axes, ("helpful", "harmless")):
-        ax.hist(outcomes["sft"]["eval_" + ("help" if key == "helpful" else "harm")], bins=20, alpha=0.3, color="grey",
+        ax.hist(_finite(outcomes["sft"]["eval_" + ("help" if key == "helpful" else "harm")]), bins=20, alpha=0.3, color="grey",
                 label="SFT")
         ax.axvline(0, color="grey", lw=1)
         ax.set(title=f"evaluator {key} reward − SFT median (KL ≈ {target:.2f})", xlabel="reward − SFT median",
@@ -216,14 +221,14 @@ def write_report(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, np.nd
              "Paper §5.2 (Figures 3–5).  Each policy answers every held-out prompt once; the evaluator models judge it",
              "against the prompt's SFT samples from the sample bank.  Intervals: 95% bootstrap over prompts.", "",
              "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()], "",
-             "| policy | method | γ | KL | win helpful | win harmless | win AND | lists | professional |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| policy | method | γ | KL | win helpful | win harmless | win AND | lists | professional | empty |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['policy']} | {r['method']} | {r['gamma']} | {r['kl']:.3f} | "
                      f"{r['win_help']:.3f} [{r['win_help_ci_low']:.2f}, {r['win_help_ci_high']:.2f}] | "
                      f"{r['win_harm']:.3f} [{r['win_harm_ci_low']:.2f}, {r['win_harm_ci_high']:.2f}] | "
                      f"{r['win_and']:.3f} [{r['win_and_ci_low']:.2f}, {r['win_and_ci_high']:.2f}] | "
-                     f"{r['list']:.3f} | {r['professional']:.3f} |")
+                     f"{r['list']:.3f} | {r['professional']:.3f} | {r['empty']:.3f} |")
     lines += ["", "![win rate against KL](win_rate_vs_kl.png)", "", "![KL-matched rewards](kl_matched_rewards.png)",
               "", "![shortcuts](shortcuts_vs_kl.png)", ""]
     md = out / "report.md"
@@ -253,12 +258,14 @@ def run_evaluate(ns: argparse.Namespace) -> dict[str, Path]:
     from trainer.samples import reward_client
 
     started = time.perf_counter()
-    policies = {}
+    policies: dict[str, dict[str, Any]] = {}
     for path in ns.policies:
         args_file = Path(path).parent / "args.json"
         info = json.loads(args_file.read_text()) if args_file.is_file() else {}
-        policies[Path(path).parent.name or str(path)] = {"path": path, "method": info.get("method", "?"),
-                                                          "gamma": info.get("gamma")}
+        name = Path(path).resolve().parent.name or str(path)
+        while name in policies or name == "sft":  # names must be unique; "sft" is the baseline's
+            name += "'"
+        policies[name] = {"path": path, "method": info.get("method", "?"), "gamma": info.get("gamma")}
     with reward_client(ns) as client:
         rows, outcomes = evaluate_policies(policies, ns.bank, ns.eval_prompts, client, ns.sft, ns.eval_max_new_tokens,
                                            ns.eval_batch, 0, ns.eval_device, ns.help_evaluator, ns.harm_evaluator)

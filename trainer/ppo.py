@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.sampling import clean_text
+
 log = logging.getLogger("logand.ppo")
 
 
@@ -53,6 +55,8 @@ class Args:
     policy: str = field(default="models/smollm2-135m-instruct", metadata={"help": "SFT policy: causal-LM directory, pkg: or hub name"})
     data: list[str] = field(default_factory=list, metadata={"help": "preference file(s) whose prompts are used", "required": True})
     split: str = field(default="align_train", metadata={"help": "prompt split to train on"})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "of the prompt split, as the reward models were trained with"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the prompt split, as the reward models were trained with"})
     prompts: int | None = field(default=None, metadata={"help": "use at most this many prompts"})
     service: str = field(default="http://127.0.0.1:8000", metadata={"help": "logand service URL ('local': start one)"})
     service_config: str | None = field(default=None, metadata={"help": "config of the service started by --service local"})
@@ -67,7 +71,7 @@ class Args:
     lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens per response at most"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also divides the logits in the loss)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (no top-k: the loss needs the full distribution)"})
     discount: float = field(default=1.0, metadata={"help": "per-token discount of GAE"})
     lam: float = field(default=0.95, metadata={"help": "GAE λ"})
     clip: float = field(default=0.2, metadata={"help": "policy ratio clip ε"})
@@ -170,8 +174,9 @@ def rollout(policy: Any, tok: Any, prompt_ids: list[list[int]], stop_ids: list[i
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=args.device)  # (B, P)
     torch.manual_seed(seed)
     with torch.no_grad():
+        # top_k=0: the full distribution, the one the log-probs of the loss and the KL are taken under
         seq = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=args.temperature,
-                              top_p=args.top_p, max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
+                              top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
                               pad_token_id=pad)  # (B, P+R)
     resp = seq[:, width:]  # (B, R)
     is_stop = torch.isin(resp, torch.tensor(stop_ids, device=resp.device))
@@ -181,7 +186,7 @@ def rollout(policy: Any, tok: Any, prompt_ids: list[list[int]], stop_ids: list[i
     texts = []
     for row, m in zip(resp.tolist(), response_mask.tolist()):
         kept = [t for t, keep in zip(row, m) if keep and t not in stop_ids]
-        texts.append(str(tok.decode(kept, skip_special_tokens=True)).strip())
+        texts.append(clean_text(str(tok.decode(kept, skip_special_tokens=True)))[0])
     return Rollout(seq, mask, width, response_mask, texts)
 
 
@@ -276,7 +281,7 @@ def train(args: Args) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(asdict(args), indent=1) + "\n")
-    prompts = select_prompts(args.data, args.split, args.prompts, seed=args.seed)
+    prompts = select_prompts(args.data, args.split, args.prompts, args.heldout_fraction, args.split_seed)
     if len(prompts) < args.batch_size:
         raise SystemExit(f"{len(prompts)} prompts in split {args.split}: fewer than one batch ({args.batch_size})")
     torch.manual_seed(args.seed)
@@ -288,12 +293,19 @@ def train(args: Args) -> dict[str, Any]:
     opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
     step = 0
     ckpt = out / "checkpoint.pt"
+    metrics_path = out / "metrics.jsonl"
     if args.resume and ckpt.exists():
         step = load_checkpoint(ckpt, policy, head, opt)
         print(f"resumed from {ckpt} at step {step}")
+        # steps logged after the checkpoint are redone: drop their lines so none is repeated
+        kept = [x for x in metrics_path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step] \
+            if metrics_path.exists() else []
+        metrics_path.write_text("".join(x + "\n" for x in kept))
+    else:
+        metrics_path.write_text("")  # a fresh run in this folder starts a fresh log
     writer = _tensorboard(out)
     history: list[dict[str, float]] = []
-    with reward_client(args) as client, (out / "metrics.jsonl").open("a") as metrics_log:  # type: ignore[arg-type]
+    with reward_client(args) as client, metrics_path.open("a") as metrics_log:  # type: ignore[arg-type]
         bar = tqdm(total=args.steps, initial=step, desc="ppo", unit="step")
         while step < args.steps:
             batch_prompts = prompts_for_step(prompts, step, args.batch_size, args.seed)

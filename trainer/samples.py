@@ -102,7 +102,7 @@ def fill_bank(path: str | Path, prompts: Sequence[Prompt], make_sampler: Callabl
     counts = {"present": len(prompts) - len(todo), "sampled": 0, "prompt_truncated": 0, "empty": 0}
     if not todo:
         return counts
-    _repair_tail(path)
+    repair_tail(path)
     sampler = make_sampler()
     with path.open("a") as sink:
         for i, samples, stats in sampler.iter_samples(todo, k, args, progress=progress):
@@ -154,7 +154,7 @@ def _key(prompt: Prompt) -> str:
     return prompt_as_text(prompt)
 
 
-def _repair_tail(path: Path) -> None:
+def repair_tail(path: Path) -> None:
     """Drop a torn last line so appends start on a fresh line."""
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -200,7 +200,7 @@ def reward_client(ns: argparse.Namespace) -> Iterator[Any]:
     from clients.client import RewardClient
     from clients.local import service_url
 
-    with service_url(ns.service, ns.service_config) as url, \
+    with service_url(ns.service, ns.service_config, ns.api_key) as url, \
             RewardClient(url, api_key=ns.api_key, max_retries=10) as client:
         yield client
 
