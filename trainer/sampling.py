@@ -203,7 +203,8 @@ class Sampler:
         import torch
 
         input_ids = torch.tensor([ids] * size, device=self.device)  # (B, T)
-        cache = self._shared_prefix_cache(ids, size, args.max_new_tokens) if self.shared_prefill else None
+        shared = self.shared_prefill and len(ids) >= 2  # a one-token prompt has no prefix to share
+        cache = self._shared_prefix_cache(ids, size, args.max_new_tokens) if shared else None
         torch.manual_seed(seed)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # `past_key_values` is named `cache` in newer releases
