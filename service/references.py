@@ -141,7 +141,10 @@ class QuantilePredictor:
 
     Artifact (JSON): ``{"format": "logand-quantile/1", "features": {"kind": "hashed_ngrams",
     "dim": D, "ngrams": [1, 2]}, "mean": {"weights": [D floats], "bias": b},
-    "std": {"weights": [D floats], "bias": b}}``; σ(x) = softplus(std·φ(x) + b) > 0.
+    "std": {"weights": [D floats], "bias": b, "mean_error": e}}``;
+    σ(x) = sqrt(softplus(std·φ(x) + b)² + e²) > 0.  ``mean_error`` (default 0) is the mean
+    model's cross-validated error: with it, μ(x) + Φ⁻¹(q)·σ(x) is the q-quantile of the
+    *predictive* distribution of a new prompt's rewards (μ itself is only an estimate).
     """
 
     FORMAT = "logand-quantile/1"
@@ -156,6 +159,9 @@ class QuantilePredictor:
         self.ngrams = [int(n) for n in feats.get("ngrams", [1, 2])]
         self.mean_w, self.mean_b = self._linear(artifact, "mean", source)
         self.std_w, self.std_b = self._linear(artifact, "std", source)
+        self.mean_error = float(artifact["std"].get("mean_error", 0.0))
+        if not math.isfinite(self.mean_error) or self.mean_error < 0:
+            raise ValueError(f"{source}: std.mean_error must be a finite number ≥ 0")
 
     def _linear(self, artifact: dict[str, Any], key: str, source: str) -> tuple[list[float], float]:
         part = artifact[key]
@@ -180,7 +186,7 @@ class QuantilePredictor:
         mu = self.mean_b + sum(self.mean_w[i] * v for i, v in phi.items())
         z = self.std_b + sum(self.std_w[i] * v for i, v in phi.items())
         sigma = z + math.log1p(math.exp(-z)) if z > 0 else math.log1p(math.exp(z))
-        return mu, sigma
+        return mu, math.hypot(sigma, self.mean_error)
 
 
 class QuantileReference(ReferenceProvider):

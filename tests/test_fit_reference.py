@@ -116,3 +116,28 @@ def test_scoring_a_bank_waits_out_a_service_restart(tiny_bert: Path, tmp_path: P
     assert [len(r["rewards"]["enc"]) for r in scored] == [2, 2, 2, 2]
     assert [x for r in scored for x in r["rewards"]["enc"]] == pytest.approx([d.rewards["enc"] for d in direct],
                                                                                abs=1e-5)
+
+
+def test_leave_one_out_error_equals_refitting_without_each_prompt() -> None:
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(15, 40)), rng.normal(size=15)
+    brute = []
+    for i in range(15):
+        keep = np.arange(15) != i
+        w, b = fr.ridge(x[keep], y[keep], 0.7)
+        brute.append(float(x[i] @ w + b - y[i]))
+    # the dual solution centres y on the kept prompts' mean; the hat-matrix form on all of them,
+    # which is the same fit up to that centring: agree to a few percent at n = 15
+    assert fr.loo_error(x, y, 0.7) == pytest.approx(float(np.sqrt(np.mean(np.square(brute)))), rel=0.1)
+
+
+def test_predictive_sigma_adds_the_mean_models_error() -> None:
+    prompts = [f"prompt {i} about {'cats' if i % 2 else 'dogs'}" for i in range(30)]
+    rng = np.random.default_rng(0)
+    means, stds = rng.normal(size=30).tolist(), [0.5] * 30
+    plain = QuantilePredictor(fr.fit_predictor(prompts, means, stds, predictive=False), "p")
+    served = QuantilePredictor(fr.fit_predictor(prompts, means, stds, predictive=True), "s")
+    assert plain.mean_error == 0 and served.mean_error > 0.3  # noise means: the mean model knows little
+    mu_p, sd_p = plain.predict("prompt 99 about cats")
+    mu_s, sd_s = served.predict("prompt 99 about cats")
+    assert mu_p == pytest.approx(mu_s) and sd_s == pytest.approx(float(np.hypot(sd_p, served.mean_error)))

@@ -7,7 +7,9 @@ For every held-out prompt (never used in the fit) and q ∈ {0.5, 0.75, 0.85, 0.
 
 Three references side by side:
 
-``predicted``     μ̂(x) + Φ⁻¹(q)·σ̂(x) from the fitted artifact (what the service serves);
+``predicted``     μ̂(x) + Φ⁻¹(q)·σ̂(x) from the fitted artifact (what the service serves; σ̂
+                  includes the mean model's error when the artifact was fitted predictive);
+``plain``         the paper's μ̂ + Φ⁻¹(q)·σ̂ with σ̂ the std model alone;
 ``constant``      the global q-quantile of all SFT rewards on the training prompts (one number);
 ``normal oracle`` μ(x) + Φ⁻¹(q)·σ(x) with the held-out prompt's own sample mean and std — the
                   best any μ/σ predictor could do; its gap to q is the cost of the normal
@@ -57,7 +59,9 @@ def calibrate(heldout: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]]
     for q in levels:
         s = NormalDist().inv_cdf(q)
         constant = float(np.quantile(pooled, q))
+        plain_sd = np.sqrt(np.maximum(predicted[:, 1] ** 2 - getattr(predictor, "mean_error", 0.0) ** 2, 0.0))
         thresholds = {"predicted": predicted[:, 0] + s * predicted[:, 1],
+                      "plain": predicted[:, 0] + s * plain_sd,
                       "constant": np.full(len(held), constant),
                       "normal_oracle": truth[:, 0] + s * truth[:, 1]}
         row: dict[str, Any] = {"q": q, "constant_value": constant}
@@ -106,7 +110,8 @@ def write_report(results: list[dict[str, Any]], fits: dict[str, dict[str, Any]],
     (out / "calibration.json").write_text(json.dumps({"results": results, "fits": fits}, indent=1) + "\n")
     plt = pyplot()
     fig, axes = plt.subplots(len(results), 3, figsize=(13, 3.6 * len(results)), squeeze=False)
-    styles = {"predicted": ("C0", "o", "predicted μ̂+sσ̂"), "constant": ("C1", "s", "constant (global quantile)"),
+    styles = {"predicted": ("C0", "o", "served: μ̂ + s·√(σ̂² + e²)"), "plain": ("C3", "v", "plain μ̂ + sσ̂ (paper)"),
+              "constant": ("C1", "s", "constant (global quantile)"),
               "normal_oracle": ("C2", "^", "normal oracle (true μ, σ)")}
     for row, res in zip(axes, results):
         qs = [r["q"] for r in res["levels"]]
@@ -123,9 +128,9 @@ def write_report(results: list[dict[str, Any]], fits: dict[str, dict[str, Any]],
                ylabel="fraction of fresh samples below r_ref")
         ax.legend(fontsize=8)
         ax = row[1]
-        width = 0.025
+        width = 0.02
         for j, (name, (color, _, label)) in enumerate(styles.items()):
-            ax.bar([q + (j - 1) * width for q in qs], [r[name]["abs_error"] for r in res["levels"]], width,
+            ax.bar([q + (j - 1.5) * width for q in qs], [r[name]["abs_error"] for r in res["levels"]], width,
                    color=color, label=label)
         ax.set(title=f"{res['model']}: per-prompt |coverage − q|", xlabel="target quantile q",
                ylabel="mean over held-out prompts")
@@ -150,18 +155,20 @@ def write_report(results: list[dict[str, Any]], fits: dict[str, dict[str, Any]],
                   f"Fit: {fit.get('prompts', '?')} training prompts × K = {fit.get('k', '?')} "
                   f"({fit.get('samples', '?')} samples), policy `{fit.get('policy', '?')}`.  "
                   f"Held out: {res['prompts']} prompts, {res['samples']} fresh samples.", "",
-                  "| q | predicted coverage | constant coverage | oracle coverage | predicted err | constant err "
-                  "| oracle err | err diff (pred − const) [95% CI] |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| q | served coverage | plain coverage | constant coverage | oracle coverage | served err "
+                  "| plain err | constant err | oracle err | err diff (served − const) [95% CI] |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["levels"]:
             d = r["abs_error_diff"]
             lines.append(
-                f"| {r['q']} | {r['predicted']['coverage']:.3f} | {r['constant']['coverage']:.3f} | "
-                f"{r['normal_oracle']['coverage']:.3f} | {r['predicted']['abs_error']:.3f} | "
+                f"| {r['q']} | {r['predicted']['coverage']:.3f} | {r['plain']['coverage']:.3f} | "
+                f"{r['constant']['coverage']:.3f} | {r['normal_oracle']['coverage']:.3f} | "
+                f"{r['predicted']['abs_error']:.3f} | {r['plain']['abs_error']:.3f} | "
                 f"{r['constant']['abs_error']:.3f} | {r['normal_oracle']['abs_error']:.3f} | "
                 f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
         mp, sp = res["mean_prediction"], res["std_prediction"]
         lines += ["", f"Mean model: corr(μ̂, μ) = {mp['corr']:.3f}, RMSE {mp['rmse']:.3f} "
+                      f"(its leave-one-out estimate on the training prompts, e: {fit.get('mean_loo_rmse', 0.0):.3f}) "
                       f"(a constant μ: {mp['rmse_of_constant']:.3f}).  Std model: corr(σ̂, σ) = {sp['corr']:.3f}, "
                       f"mean σ̂ {sp['mean_predicted']:.3f} vs mean σ {sp['mean_true']:.3f}.", "",
                   f"**{verdict(res)}**", ""]

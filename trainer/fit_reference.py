@@ -8,7 +8,10 @@ model").  The service then serves r_ref(x) = μ̂(x) + Φ⁻¹(q)·σ̂(x) as a 
 Features: L2-normalised hashed word 1- and 2-grams of the prompt transcript
 (:class:`service.references.QuantilePredictor`), so the service predicts without a model
 call; μ̂ is a ridge regression on them, σ̂ = softplus of a ridge regression fitted to
-softplus⁻¹(σ).  Samples go to a sample bank (:mod:`trainer.samples`) as they come, and are
+softplus⁻¹(σ), and — unless ``--no-predictive`` — the mean model's leave-one-out error e is
+added in quadrature, σ̂ ← sqrt(σ̂² + e²): a new prompt's μ is only known to ±e, so the plain
+μ̂ + sσ̂ of the paper covers far less than q of its samples when μ̂ is rough (as with a few
+hundred prompts; see reports/reference/).  Samples go to a sample bank (:mod:`trainer.samples`) as they come, and are
 scored in place: an interrupted run keeps what it collected and a rerun resumes where it
 stopped; a service restart mid-run is waited out by the client's retries.
 """
@@ -45,28 +48,41 @@ def ridge(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
     return x.T @ alpha, mean
 
 
+def loo_error(x: np.ndarray, y: np.ndarray, l2: float) -> float:
+    """Root-mean-square leave-one-out error of :func:`ridge` (exact, from the hat matrix)."""
+    gram = x @ x.T  # (N, N)
+    hat = gram @ np.linalg.inv(gram + l2 * np.eye(len(y)))  # (N, N)
+    yc = y - y.mean()
+    residuals = (yc - hat @ yc) / (1.0 - np.diag(hat))
+    return float(np.sqrt(np.mean(residuals**2)))
+
+
 def inverse_softplus(y: np.ndarray) -> np.ndarray:
     y = np.maximum(y, 1e-4)
     return y + np.log(-np.expm1(-y))
 
 
-def _artifact(dim: int, mw: np.ndarray, mb: float, sw: np.ndarray, sb: float, fit: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
+def _artifact(dim: int, mw: np.ndarray, mb: float, sw: np.ndarray, sb: float, mean_error: float,
+              fit: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"format": QuantilePredictor.FORMAT, "features": {"kind": "hashed_ngrams", "dim": dim, "ngrams": list(NGRAMS)},
             "mean": {"weights": [float(v) for v in mw], "bias": float(mb)},
-            "std": {"weights": [float(v) for v in sw], "bias": float(sb)}, "fit": fit or {}}
+            "std": {"weights": [float(v) for v in sw], "bias": float(sb), "mean_error": mean_error}, "fit": fit or {}}
 
 
 def fit_predictor(prompts: Sequence[str], means: Sequence[float], stds: Sequence[float], l2: float = 1.0,
-                  dim: int = FEATURE_DIM, fit: dict[str, Any] | None = None) -> dict[str, Any]:
+                  dim: int = FEATURE_DIM, fit: dict[str, Any] | None = None, predictive: bool = True) -> dict[str, Any]:
+    """The artifact; ``predictive`` adds the mean model's leave-one-out error to σ (see
+    :class:`service.references.QuantilePredictor`), so quantiles hold for prompts never seen."""
     x = features_matrix(prompts, dim)
-    mw, mb = ridge(x, np.asarray(means, dtype=float), l2)
+    y = np.asarray(means, dtype=float)
+    mw, mb = ridge(x, y, l2)
     sw, sb = ridge(x, inverse_softplus(np.asarray(stds, dtype=float)), l2)
-    return _artifact(dim, mw, mb, sw, sb, fit)
+    error = loo_error(x, y, l2) if predictive and len(y) > 2 else 0.0
+    return _artifact(dim, mw, mb, sw, sb, error, dict(fit or {}, mean_loo_rmse=error))
 
 
 def fit_from_bank(records: Sequence[dict[str, Any]], models: Sequence[str], l2: float,
-                  fit: dict[str, Any]) -> dict[str, dict[str, Any]]:
+                  fit: dict[str, Any], predictive: bool = True) -> dict[str, dict[str, Any]]:
     """One predictor artifact per model from a scored bank (prompts with ≥ 2 samples)."""
     use = [r for r in records if len(r["samples"]) >= 2 and all(m in r["rewards"] for m in models)]
     if not use:
@@ -78,7 +94,7 @@ def fit_from_bank(records: Sequence[dict[str, Any]], models: Sequence[str], l2: 
         stds = [float(np.std(r["rewards"][m], ddof=1)) for r in use]
         info = dict(fit, model=m, prompts=len(use), samples=sum(len(r["samples"]) for r in use),
                     mean_of_means=float(np.mean(means)), mean_of_stds=float(np.mean(stds)))
-        out[m] = fit_predictor(prompts, means, stds, l2, fit=info)
+        out[m] = fit_predictor(prompts, means, stds, l2, fit=info, predictive=predictive)
     return out
 
 
@@ -105,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
            "empty_samples": sum(r.get("empty", 0) for r in records), "prompt_truncated": counts["prompt_truncated"],
            "seconds": round(time.perf_counter() - started, 1)}
     written = {}
-    for m, artifact in fit_from_bank(records, models, args.l2, fit).items():
+    for m, artifact in fit_from_bank(records, models, args.l2, fit, predictive=args.predictive).items():
         path = out / f"{m}.quantile.json"
         path.write_text(json.dumps(artifact) + "\n")
         written[m] = path
@@ -125,6 +141,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--split", default="align_train", help="prompt split to fit on")
     a("--bank", default=None, help="sample bank to use and extend (default: OUT/samples.jsonl)")
     a("--l2", type=float, default=1.0, help="ridge penalty of both predictors")
+    a("--predictive", action=argparse.BooleanOptionalAction, default=True,
+      help="add the mean model's leave-one-out error to σ: quantiles of the predictive distribution "
+           "(--no-predictive: the paper's μ̂ + sσ̂ as is)")
     a("--out", default="runs/reference", help="output folder: <model>.quantile.json (and samples.jsonl)")
 
 
