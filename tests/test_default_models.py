@@ -4,7 +4,6 @@ held-out HH pairs better than chance (scored over real HTTP by a real server).""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,9 +21,7 @@ pytestmark = pytest.mark.skipif(not (DEFAULT_DIR / "helpful" / "adapter_config.j
 def default_server(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
     # The embedded config exactly, on a free port: what `make serve` runs.
     settings = load_settings(None, env={})
-    config = settings.model_dump(mode="json", exclude={"base_dir"})
-    for m in config["models"]:
-        m["path"] = str(Path(settings.base_dir or "") / m["path"])
+    config = settings.model_dump(mode="json")  # base_dir kept: model and reference paths stay relative to it
     config["engine"]["threads"] = 2
     server = LiveServer(config, tmp_path_factory.mktemp("default"))
     try:
