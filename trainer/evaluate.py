@@ -160,6 +160,27 @@ def evaluate_policies(policies: dict[str, dict[str, Any]], bank: str | Path, pro
     return rows, outcomes
 
 
+def conclusion(rows: Sequence[dict[str, Any]]) -> str:
+    """What the sweep shows about raw vs transformed, in one sentence, from the intervals."""
+    trained = [r for r in rows if r["method"] != "sft"]
+    if not trained:
+        return "No trained policy to compare."
+    top = max(r["kl"] for r in trained)
+    if top < 0.1:
+        return (f"Not at this scale: every policy stayed within KL {top:.3f} of the SFT policy, so no win-rate "
+                "difference can be attributed to the reward; more steps or a larger learning rate are needed.")
+    by = {m: max((r for r in trained if r["method"] == m), key=lambda r: r["kl"]) for m in {r["method"] for r in trained}}
+    if {"raw", "transformed"} <= set(by):
+        t, w = by["transformed"], by["raw"]
+        if t["win_help_ci_low"] > w["win_help_ci_high"]:
+            return (f"Transformed beats raw on helpful win rate ({t['win_help']:.3f} at KL {t['kl']:.2f} vs "
+                    f"{w['win_help']:.3f} at KL {w['kl']:.2f}), intervals apart: as in the paper.")
+        if w["win_help_ci_low"] > t["win_help_ci_high"]:
+            return (f"Raw beats transformed on helpful win rate ({w['win_help']:.3f} vs {t['win_help']:.3f}), "
+                    "intervals apart: not as in the paper.")
+    return "No difference outside the 95% intervals between the methods at the KL reached."
+
+
 def write_report(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, np.ndarray]], out: Path,
                  info: dict[str, Any]) -> dict[str, Path]:
     from trainer.plots import pyplot, save
@@ -220,6 +241,7 @@ def write_report(rows: list[dict[str, Any]], outcomes: dict[str, dict[str, np.nd
     lines = ["# PPO: transformed vs raw reward across KL budgets", "",
              "Paper §5.2 (Figures 3–5).  Each policy answers every held-out prompt once; the evaluator models judge it",
              "against the prompt's SFT samples from the sample bank.  Intervals: 95% bootstrap over prompts.", "",
+             f"**{conclusion(rows)}**", "",
              "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()], "",
              "| policy | method | γ | KL | win helpful | win harmless | win AND | lists | professional | empty |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -116,3 +116,13 @@ def test_sweep_trains_evaluates_and_plots(live_server: LiveServer, setup: tuple[
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT policy against itself
     assert shortcuts("Here:\n1. flour\n2. eggs")["list"] and shortcuts("Please see a Therapist.")["professional"]
     assert not any(shortcuts("A dog is an animal.").values())
+
+
+def test_the_report_says_when_nothing_moved() -> None:
+    from trainer.evaluate import conclusion
+
+    row = {"method": "raw", "kl": 0.01, "win_help": 0.1, "win_help_ci_low": 0.0, "win_help_ci_high": 0.2}
+    assert conclusion([{**row, "method": "sft", "kl": 0.0}, row]).startswith("Not at this scale")
+    far = [{**row, "kl": 2.0}, {**row, "method": "transformed", "kl": 2.1, "win_help": 0.6, "win_help_ci_low": 0.5,
+                                 "win_help_ci_high": 0.7}]
+    assert conclusion(far).startswith("Transformed beats raw")
