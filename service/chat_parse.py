@@ -74,6 +74,28 @@ def learn_markup(render: Any) -> Markup:
     return Markup(headers=headers, footer=end, generation_prompt=gen)
 
 
+def strip_tokens_end(text: str, tokens: tuple[str, ...]) -> tuple[str, int]:
+    """``text`` without trailing ``tokens`` (whole tokens, longest first) and whitespace; how many
+    tokens were cut."""
+    cut = 0
+    while True:
+        text = text.rstrip()
+        tok = next((t for t in tokens if text.endswith(t)), None)
+        if tok is None:
+            return text, cut
+        text = text[: -len(tok)]
+        cut += 1
+
+
+def strip_tokens_start(text: str, tokens: tuple[str, ...]) -> str:
+    """``text`` without leading ``tokens`` (whole tokens)."""
+    while True:
+        tok = next((t for t in tokens if text.startswith(t)), None)
+        if tok is None:
+            return text
+        text = text[len(tok):]
+
+
 def _common_prefix(texts: list[str]) -> str:
     out = texts[0]
     for t in texts[1:]:
@@ -106,24 +128,11 @@ class RenderedChat:
 
     def strip_end(self, text: str) -> tuple[str, int]:
         """``text`` without trailing end tokens (whole tokens) and whitespace; how many were cut."""
-        cut = 0
-        while True:
-            stripped = text.rstrip()
-            for tok in self.end_tokens:
-                if stripped.endswith(tok):
-                    text = stripped[: -len(tok)]
-                    cut += 1
-                    break
-            else:
-                return stripped, cut
+        return strip_tokens_end(text, self.end_tokens)
 
     def strip_start(self, text: str) -> str:
         """``text`` without leading pad tokens (trainers decode left-padded batches)."""
-        while True:
-            tok = next((t for t in self.pad_tokens if text.startswith(t)), None)
-            if tok is None:
-                return text
-            text = text[len(tok):]
+        return strip_tokens_start(text, self.pad_tokens)
 
     def parse(self, text: str, drop_empty_last: bool = True) -> list[dict[str, str]]:
         """Messages of a rendered conversation; a trailing empty assistant turn (the generation

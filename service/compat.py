@@ -33,6 +33,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from . import protocol as p
+from .chat_parse import strip_tokens_end, strip_tokens_start
 from .config import CompatConfig
 from .errors import InvalidRequest
 from .formatting import ASSISTANT, Prompt
@@ -112,21 +113,10 @@ class TrainerAdapter:
         return cls(cfg, RenderedChat(tok, keep_system=cfg.keep_system, extra_end_tokens=tuple(cfg.end_tokens)), tok)
 
     def _strip(self, text: str) -> str:
-        if self.chat is not None:
-            return self.chat.strip_end(text)[0]
-        while True:
-            text = text.rstrip()
-            tok = next((t for t in self.end_tokens if text.endswith(t)), None)
-            if tok is None:
-                return text
-            text = text[: -len(tok)]
+        return self.chat.strip_end(text)[0] if self.chat is not None else strip_tokens_end(text, self.end_tokens)[0]
 
     def _strip_start(self, text: str) -> str:
-        while True:
-            tok = next((t for t in self.pad_tokens if text.startswith(t)), None)
-            if tok is None:
-                return text
-            text = text[len(tok):]
+        return strip_tokens_start(text, self.pad_tokens)
 
     def query_item(self, query: str, prompt: str | None, field: str) -> tuple[Prompt, str]:
         """OpenRLHF: (prompt, response) of one query and its rendered prompt."""
