@@ -108,10 +108,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("best-of-k", help="best of k policy samples per prompt, ranked by the service",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampling_arguments(p, k=16)
-    for action in p._actions:  # prompts may come from --prompt instead of --data
-        if action.dest == "data":
-            action.required = False
+    add_sampling_arguments(p, k=16, data_required=False)  # prompts may come from --prompt instead
     p.add_argument("--prompt", action="append", help="a prompt (HH transcript or plain question); repeatable")
     p.add_argument("--split", default="align_heldout", help="prompt split of --data")
     add_service_arguments(p)

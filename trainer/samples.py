@@ -167,10 +167,11 @@ def repair_tail(path: Path) -> None:
 
 
 # -- logand sample -------------------------------------------------------------------------
-def add_sampling_arguments(p: argparse.ArgumentParser, k: int, max_new_tokens: int = 128) -> None:
+def add_sampling_arguments(p: argparse.ArgumentParser, k: int, max_new_tokens: int = 128,
+                           data_required: bool = True) -> None:
     a = p.add_argument
     a("--policy", required=True, help="causal-LM directory or pkg:/hub reference (the SFT policy)")
-    a("--data", action="append", required=True, help="preference file(s) whose prompts are used")
+    a("--data", action="append", required=data_required, help="preference file(s) whose prompts are used")
     a("--heldout-fraction", type=float, default=0.2, help="as the reward models were trained with")
     a("--split-seed", type=int, default=0, help="seed of the prompt split, as the reward models were trained with")
     a("--prompts", type=int, default=None, help="use at most this many prompts of the split")
