@@ -86,6 +86,7 @@ class Args:
     save_every: int = field(default=10, metadata={"help": "checkpoint every this many steps"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt when present"})
     service_wait_s: float = field(default=600.0, metadata={"help": "how long to wait for a service that went away"})
+    service_retry_s: float = field(default=5.0, metadata={"help": "pause between tries while the service is away"})
     out: str = field(default="runs/ppo", metadata={"help": "output folder"})
 
 
@@ -207,7 +208,7 @@ def score(client: Any, prompts: Sequence[Any], texts: Sequence[str], args: Args)
             if time.monotonic() > deadline:
                 raise
             log.warning("service unavailable (%s); waiting", exc)
-            time.sleep(5)
+            time.sleep(args.service_retry_s)
     utilities = [args.empty_utility] * len(texts)
     raw: dict[str, list[float]] = {}
     for i, r in zip(todo, results):

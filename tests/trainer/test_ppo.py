@@ -16,9 +16,9 @@ from tests.trainer.test_train_rm import base_args, write_separable
 from trainer import ppo
 
 
-def _args(server: LiveServer, policy: Path, data: Path, out: Path, *extra: str) -> ppo.Args:
+def _args(url: str, policy: Path, data: Path, out: Path, *extra: str) -> ppo.Args:
     ns = build_parser().parse_args([
-        "ppo", "--policy", str(policy), "--data", str(data), "--service", server.url, "--models", "enc",
+        "ppo", "--policy", str(policy), "--data", str(data), "--service", url, "--models", "enc",
         "--method", "raw", "--batch-size", "8", "--minibatch-size", "4", "--max-new-tokens", "6",
         "--lora-r", "0", "--lr", "3e-3", "--gamma", "0.02", "--out", str(out), *extra])
     return ppo.args_from_namespace(ns)
@@ -52,7 +52,7 @@ def test_ppo_moves_the_policy_up_the_reward_and_away_from_sft(reward_server: Liv
                                                               tmp_path: Path) -> None:
     policy, data = setup
     # 16 rollouts a step and a moderate learning rate: a rise that stands out of the sampling noise
-    result = ppo.train(_args(reward_server, policy, data, tmp_path / "run", "--steps", "24", "--batch-size", "16",
+    result = ppo.train(_args(reward_server.url, policy, data, tmp_path / "run", "--steps", "24", "--batch-size", "16",
                              "--minibatch-size", "8", "--lr", "1e-3"))
     h = result["history"]
     assert len(h) == 24
@@ -70,9 +70,9 @@ def test_ppo_moves_the_policy_up_the_reward_and_away_from_sft(reward_server: Liv
 
 def test_a_stopped_run_resumes_exactly(reward_server: LiveServer, setup: tuple[Path, Path], tmp_path: Path) -> None:
     policy, data = setup
-    straight = ppo.train(_args(reward_server, policy, data, tmp_path / "a", "--steps", "4", "--save-every", "2"))
-    ppo.train(_args(reward_server, policy, data, tmp_path / "b", "--steps", "2", "--save-every", "2"))
-    resumed = ppo.train(_args(reward_server, policy, data, tmp_path / "b", "--steps", "4", "--save-every", "2",
+    straight = ppo.train(_args(reward_server.url, policy, data, tmp_path / "a", "--steps", "4", "--save-every", "2"))
+    ppo.train(_args(reward_server.url, policy, data, tmp_path / "b", "--steps", "2", "--save-every", "2"))
+    resumed = ppo.train(_args(reward_server.url, policy, data, tmp_path / "b", "--steps", "4", "--save-every", "2",
                               "--resume"))
     assert [h["step"] for h in resumed["history"]] == [3, 4]
     for a, b in zip(straight["history"][2:], resumed["history"]):
@@ -85,7 +85,7 @@ def test_a_stopped_run_resumes_exactly(reward_server: LiveServer, setup: tuple[P
 def test_lora_policy_uses_the_disabled_adapter_as_reference(reward_server: LiveServer, setup: tuple[Path, Path],
                                                             tmp_path: Path) -> None:
     policy, data = setup
-    result = ppo.train(_args(reward_server, policy, data, tmp_path / "lora", "--steps", "3", "--lora-r", "4",
+    result = ppo.train(_args(reward_server.url, policy, data, tmp_path / "lora", "--steps", "3", "--lora-r", "4",
                              "--method", "log_sigmoid_sum"))
     assert result["history"][0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
     assert (tmp_path / "lora" / "policy" / "adapter_config.json").is_file()
@@ -128,3 +128,81 @@ def test_the_report_says_when_nothing_moved() -> None:
     far = [{**row, "kl": 2.0}, {**row, "method": "transformed", "kl": 2.1, "win_help": 0.6, "win_help_ci_low": 0.5,
                                  "win_help_ci_high": 0.7}]
     assert conclusion(far).startswith("Transformed beats raw")
+
+
+def test_a_service_restart_mid_run_loses_no_step(tiny_bert: Path, setup: tuple[Path, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service goes away after step 2's rollouts and comes back on the same port 3 s later:
+    the trainer waits (the client gives up quickly here, so the trainer's own wait loop runs too),
+    takes no step on missing rewards, and its 4 steps equal those of an uninterrupted run."""
+    import contextlib
+    import threading
+
+    import yaml
+
+    from clients.client import RewardClient
+    from clients.local import LocalService, free_port
+    from trainer import samples
+
+    policy, data = setup
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "enc", "path": str(tiny_bert), "device": "cpu",
+                                                  "dtype": "float32"}], "engine": {"threads": 1}}))
+    port = free_port()
+    servers = [LocalService(config, tmp_path / "a.log", port=port).wait_ready()]
+    failures: list[str] = []
+
+    class RestartingClient(RewardClient):
+        calls = 0
+
+        def score(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            RestartingClient.calls += 1
+            if RestartingClient.calls == 2:  # step 2's rewards: the service is gone, back in 3 s
+                servers[0].stop()
+                threading.Timer(3.0, lambda: servers.append(LocalService(config, tmp_path / "b.log",
+                                                                         port=port))).start()
+            try:
+                return super().score(*args, **kwargs)
+            except Exception as exc:
+                failures.append(type(exc).__name__)
+                raise
+
+    @contextlib.contextmanager
+    def quick_client(ns):  # type: ignore[no-untyped-def]
+        with RestartingClient(f"http://127.0.0.1:{port}", max_retries=2, backoff_s=0.2) as client:
+            yield client
+
+    url = f"http://127.0.0.1:{port}"
+    args = ["--steps", "4", "--save-every", "1", "--service-retry-s", "1"]
+    try:
+        monkeypatch.setattr(samples, "reward_client", quick_client)
+        interrupted = ppo.train(_args(url, policy, data, tmp_path / "interrupted", *args))
+        monkeypatch.undo()
+        straight = ppo.train(_args(url, policy, data, tmp_path / "straight", *args))
+    finally:
+        for s in servers:
+            s.stop()
+    assert len(servers) == 2, "the service was not restarted"
+    assert "ServiceUnavailable" in failures, "the outage was not seen by the trainer"
+    assert [h["step"] for h in interrupted["history"]] == [1, 2, 3, 4]
+    for a, b in zip(straight["history"], interrupted["history"]):
+        assert b["reward/utility"] == pytest.approx(a["reward/utility"], abs=1e-5)
+        assert b["objective/kl"] == pytest.approx(a["objective/kl"], abs=1e-5)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_bf16_policy_trains_and_logs_to_tensorboard(reward_server: LiveServer, setup: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    policy, data = setup
+    result = ppo.train(_args(reward_server.url, policy, data, tmp_path / "bf16", "--steps", "2", "--dtype", "bfloat16"))
+    for x in result["history"]:
+        assert all(np.isfinite(v) for v in x.values())
+    events = EventAccumulator(str(tmp_path / "bf16" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"reward/utility", "objective/kl", "losses/policy", "time/update"} <= tags
+    assert [e.step for e in events.Scalars("reward/utility")] == [1, 2]
+    assert events.Scalars("reward/utility")[1].value == pytest.approx(result["history"][1]["reward/utility"], abs=1e-5)
