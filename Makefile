@@ -12,7 +12,7 @@ DATA ?= ../shared/data/hh-rlhf
 MODELS_OUT ?= service/default_models
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all models policy reference experiment-best-of-k ppo-sweep paper-gpu check clean help
+.PHONY: install serve test test-all models policy reference experiment-best-of-k ppo-sweep ppo-gpu paper-gpu check clean help
 
 help:
 	@echo "make serve   - install into $(VENV) and serve the default reward models on 127.0.0.1:8000"
@@ -92,12 +92,13 @@ PPO_BATCH ?= 8
 PPO_MINIBATCH ?= 4
 PPO_GAMMAS ?= 0.02 0.1
 PPO_DTYPE ?= float32
+SWEEP_OUT ?= $(RUN)/ppo-sweep
 EVAL_PROMPTS ?= 48
 ppo-sweep: $(STAMP) $(POLICY_OUT)/config.json
 	$(BIN)/logand ppo-sweep --policy $(POLICY_OUT) $(HH) --service local --models helpful --steps $(PPO_STEPS) \
 		--batch-size $(PPO_BATCH) --minibatch-size $(PPO_MINIBATCH) --max-new-tokens $(MAX_NEW_TOKENS) \
 		--dtype $(PPO_DTYPE) --device $(DEVICE) --methods raw transformed --gammas $(PPO_GAMMAS) \
-		--sweep-out $(RUN)/ppo-sweep --bank $(RUN)/bank/align_heldout.jsonl --eval-prompts $(EVAL_PROMPTS) \
+		--sweep-out $(SWEEP_OUT) --bank $(RUN)/bank/align_heldout.jsonl --eval-prompts $(EVAL_PROMPTS) \
 		--eval-max-new-tokens $(MAX_NEW_TOKENS) --eval-device $(DEVICE) --report $(REPORTS)/ppo
 
 # Everything at paper-like scale on one GPU (H200): references, best-of-k to k = 191, PPO sweep.
@@ -106,6 +107,12 @@ paper-gpu:
 		REF_K=64 HELDOUT_PROMPTS=447 HELDOUT_K=191 MAX_NEW_TOKENS=128
 	$(MAKE) ppo-sweep DEVICE=cuda RUN=runs/gpu REPORTS=reports/gpu PPO_STEPS=40 PPO_BATCH=64 PPO_MINIBATCH=16 \
 		PPO_DTYPE=bfloat16 PPO_GAMMAS="0.02 0.1" EVAL_PROMPTS=447 MAX_NEW_TOKENS=128
+
+# The PPO sweep alone on one GPU, against the CPU-scale held-out bank (runs/bank, from
+# `make reference`): 2 methods × 2 γ × 40 steps × 64 rollouts in bf16, evaluated on 100 prompts.
+ppo-gpu:
+	$(MAKE) ppo-sweep DEVICE=cuda SWEEP_OUT=runs/gpu/ppo-sweep REPORTS=reports/gpu PPO_STEPS=40 PPO_BATCH=64 \
+		PPO_MINIBATCH=16 PPO_DTYPE=bfloat16 PPO_GAMMAS="0.02 0.1" EVAL_PROMPTS=100 MAX_NEW_TOKENS=64
 
 # Static types: mypy-clean on service/, clients/ and trainer/.
 check: $(STAMP)

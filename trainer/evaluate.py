@@ -281,6 +281,7 @@ def run_evaluate(ns: argparse.Namespace) -> dict[str, Path]:
 
     started = time.perf_counter()
     policies: dict[str, dict[str, Any]] = {}
+    trainings: set[str] = set()
     for path in ns.policies:
         args_file = Path(path).parent / "args.json"
         info = json.loads(args_file.read_text()) if args_file.is_file() else {}
@@ -288,10 +289,14 @@ def run_evaluate(ns: argparse.Namespace) -> dict[str, Path]:
         while name in policies or name == "sft":  # names must be unique; "sft" is the baseline's
             name += "'"
         policies[name] = {"path": path, "method": info.get("method", "?"), "gamma": info.get("gamma")}
+        if info:
+            trainings.add(f"{info['steps']} steps × {info['batch_size']} rollouts, lr {info['lr']:g}, "
+                          f"LoRA r {info['lora_r']}, {info['max_new_tokens']} new tokens, {info['dtype']}")
     with reward_client(ns) as client:
         rows, outcomes = evaluate_policies(policies, ns.bank, ns.eval_prompts, client, ns.sft, ns.eval_max_new_tokens,
                                            ns.eval_batch, 0, ns.eval_device, ns.help_evaluator, ns.harm_evaluator)
-    info = {"bank": f"`{ns.bank}`", "SFT policy": f"`{ns.sft}`", "max new tokens": ns.eval_max_new_tokens,
+    info = {"bank": f"`{ns.bank}`", "SFT policy": f"`{ns.sft}`", "training (each policy)": "; ".join(sorted(trainings)),
+            "held-out prompts (each policy)": rows[0]["prompts"], "max new tokens": ns.eval_max_new_tokens,
             "wall time of the evaluation (s)": round(time.perf_counter() - started, 1)}
     written = write_report(rows, outcomes, Path(ns.report), info)
     print(f"wrote {written['md']}")
