@@ -12,7 +12,7 @@ DATA ?= ../shared/data/hh-rlhf
 MODELS_OUT ?= service/default_models
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-all models policy reference experiment-best-of-k ppo-sweep ppo-gpu paper-gpu check clean help
+.PHONY: install serve test fuzz test-all models policy reference experiment-best-of-k ppo-sweep ppo-gpu paper-gpu check clean help
 
 help:
 	@echo "make serve   - install into $(VENV) and serve the default reward models on 127.0.0.1:8000"
@@ -35,6 +35,11 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Schemathesis with many examples per operation (`make test` runs 25).
+FUZZ_EXAMPLES ?= 300
+fuzz: $(STAMP)
+	LOGAND_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
 
 # Longer runs kept out of `make test`.
 test-all: $(STAMP)

@@ -94,9 +94,21 @@ class Encoded:
     token_type_ids: list[int] | None
     truncated: int  # tokens cut (prompt first, then response when allowed)
     response_truncated: bool
+    # Leading tokens that come from the prompt alone (special tokens before it included): items
+    # of one prompt share them exactly, so a decoder can compute their KV cache once.
+    prefix_len: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+def _leading_specials(enc: Encoding) -> int:
+    n = 0
+    for special in enc.special_tokens_mask:
+        if not special:
+            break
+        n += 1
+    return n
 
 
 class Formatter:
@@ -135,7 +147,9 @@ class Formatter:
     # -- text assembly -------------------------------------------------------------------
     def _texts(self, prompt: Prompt, response: str) -> tuple[str, str]:
         if self.style == "chat":
-            messages = prompt_as_messages(prompt)
+            # An empty prompt is one empty user turn (as the pair and text styles read it):
+            # templates refuse a conversation with no messages.
+            messages = prompt_as_messages(prompt) or [{"role": "user", "content": ""}]
             kwargs: dict[str, Any] = {"tokenize": False}
             if self.chat_template is not None:
                 kwargs["chat_template"] = self.chat_template
@@ -169,19 +183,23 @@ class Formatter:
             keep = self._budget - n_r
             cut += len(p.ids) - keep
             p.truncate(keep, direction="left")
+        n_p = len(p.ids)
         if self.style == "pair":
             enc = self._tok.post_processor.process(p, r, add_special_tokens=True)
             ids, types = list(enc.ids), list(enc.type_ids)
+            prefix = _leading_specials(enc) + n_p
         elif self.style == "text" and self._tok.post_processor is not None:
             # single sequence: prompt tokens then response tokens, special tokens around both
             merged = Encoding.merge([p, r], growing_offsets=True)
             enc = self._tok.post_processor.process(merged, None, add_special_tokens=True)
             ids, types = list(enc.ids), None
+            prefix = _leading_specials(enc) + n_p
         else:
             ids, types = list(p.ids) + list(r.ids), None
+            prefix = n_p
         if self._eos is not None:
             ids.append(self._eos)
-        return Encoded(ids, types, cut, response_cut)
+        return Encoded(ids, types, cut, response_cut, prefix if n_p else 0)
 
     def encode_many(
         self, items: Sequence[tuple[Prompt, str]], allow_truncation: bool = False

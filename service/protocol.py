@@ -96,7 +96,7 @@ class ScoreResponse(BaseModel):
 
 
 class UtilityRequest(_Strict):
-    rewards: Annotated[list[dict[str, FiniteFloat]], Field(min_length=1)]
+    rewards: Annotated[list[Annotated[dict[str, FiniteFloat], Field(min_length=1)]], Field(min_length=1)]
     references: list[dict[str, FiniteFloat]] | None = Field(None, description="one dict per reward dict; default 0")
     method: MethodName | None = None
     weights: dict[str, FiniteFloat] | None = None

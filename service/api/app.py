@@ -6,9 +6,10 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 
 from .. import __version__
 from ..compat import TrainerAdapter
@@ -19,6 +20,25 @@ from .metrics import Metrics
 from .middleware import GuardMiddleware
 
 log = logging.getLogger("logand")
+
+
+def _hosted_names(schema: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Narrow the generated OpenAPI to this server: model names in requests are the hosted ones
+    (an enum in ``models``, the allowed keys of ``weights`` and ``references``)."""
+
+    def variants(prop: dict[str, Any]) -> list[dict[str, Any]]:
+        return [prop, *prop.get("anyOf", [])]
+
+    request = schema.get("components", {}).get("schemas", {}).get("ScoreRequest", {}).get("properties", {})
+    for v in variants(request.get("models", {})):
+        if v.get("type") == "array":
+            v["items"] = {**v.get("items", {}), "enum": list(names)}
+            v["uniqueItems"] = True
+    for key in ("weights", "references"):
+        for v in variants(request.get(key, {})):
+            if v.get("type") == "object":
+                v["propertyNames"] = {"enum": list(names)}
+    return schema
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -49,6 +69,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.adapter = None  # built at start-up (may load the policy tokenizer)
     errors.install(app)
     app.include_router(routes.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            app.openapi_schema = _hosted_names(schema, [m.name for m in settings.models])
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]

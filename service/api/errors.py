@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -9,6 +11,8 @@ from starlette.exceptions import HTTPException
 
 from .. import errors as e
 from ..protocol import ErrorBody, ErrorResponse
+
+log = logging.getLogger("logand")
 
 STATUS: dict[type[e.LogandError], int] = {
     e.InvalidRequest: 422,
@@ -53,3 +57,9 @@ def install(app: FastAPI) -> None:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "bad_request"}
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
                               headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a bad request: logged with its traceback (never the body), answered as JSON.
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal", f"internal error ({type(exc).__name__}); see the server log")

@@ -16,11 +16,14 @@ from .errors import error_response
 
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": p.ErrorResponse, "description": "the body is not valid JSON (or not UTF-8)"},
     401: {"model": p.ErrorResponse, "description": "missing or wrong API key"},
     413: {"model": p.ErrorResponse, "description": "over a size limit"},
     422: {"model": p.ErrorResponse, "description": "invalid input; `field` names it"},
     429: {"model": p.ErrorResponse, "description": "queue full; retry after Retry-After seconds"},
+    500: {"model": p.ErrorResponse, "description": "a model failed on this request's batch (only that batch)"},
     503: {"model": p.ErrorResponse, "description": "not ready (loading or shutting down)"},
+    504: {"model": p.ErrorResponse, "description": "a forward pass exceeded engine.batch_timeout_s"},
 }
 
 
