@@ -14,6 +14,7 @@
     logand evaluate POLICY…             KL, evaluator win rates and shortcut rates of PPO policies
     logand ppo-sweep …                  PPO per (method, γ), then evaluate and plot (Figures 3–5)
     logand experiment best-of-k …       the paper's AND-aggregation experiment (Figures 6a, 7)
+    logand bench [--quick] [--soak]     throughput vs the matmul limit and a naive server (service/bench)
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("experiment", help="the paper's experiments, run against a live service")
     experiments = x.add_subparsers(dest="experiment", required=True)
     bok_experiment.register(experiments)
+    from . import bench
+
+    bench.register(sub)
     return parser
 
 

@@ -77,6 +77,12 @@ class ModelConfig(_Section):
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
     append_eos: bool | None = Field(None, description="append EOS after the response (default: as trained)")
     trust_remote_code: bool = Field(False, description="allow code shipped with the model (off: safer)")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="onnx backend only: int8 = dynamically quantised weights (made once, beside model.onnx)"
+    )
+    reuse_prefix: bool = Field(
+        True, description="decoders: items of a batch sharing a prompt compute its KV cache once (torch backend)"
+    )
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="how r_ref(x) is found")
 
 

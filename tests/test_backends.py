@@ -135,3 +135,74 @@ def test_cuda_matches_cpu(tiny_bert: Path, dtype: str, atol: float) -> None:
     gpu = load_backend(ModelConfig(name="m", path=str(tiny_bert), device="cuda", dtype=dtype), None)
     encoded = [cpu.formatter.encode(p, r) for p, r in PAIRS]
     np.testing.assert_allclose(gpu.score(encoded), cpu.score(encoded), atol=atol)
+
+
+BEST_OF_K_PROMPT = ("\n\nHuman: what is a good recipe for bread and how long do i bake it for\n\nAssistant: flour "
+                    "water salt and yeast\n\nHuman: and how long do i bake it\n\nAssistant:")
+
+
+@pytest.mark.parametrize("style", ["chat", "text"])
+def test_prompt_kv_reuse_matches_full_forward(tiny_gpt2: Path, style: str) -> None:
+    reuse = backend_for(tiny_gpt2, style=style)
+    plain = backend_for(tiny_gpt2, style=style, reuse_prefix=False)
+    assert reuse.reuse_prefix and not plain.reuse_prefix
+    # best-of-k: one prompt, many responses; plus an item of another prompt in the same batch
+    encoded = [reuse.formatter.encode(BEST_OF_K_PROMPT, r) for r in RESPONSES + ["no", "sure thing", "a b c d e f"]]
+    encoded.append(reuse.formatter.encode(PROMPTS[2], RESPONSES[0]))
+    assert encoded[0].prefix_len >= 16 and len({e.prefix_len for e in encoded[:-1]}) == 1
+    assert encoded[0].input_ids[: encoded[0].prefix_len] == encoded[1].input_ids[: encoded[1].prefix_len]
+    with_reuse = np.array(reuse.score(encoded))
+    without = np.array(plain.score(encoded))
+    one_by_one = np.array([plain.score([e])[0] for e in encoded])
+    np.testing.assert_allclose(with_reuse, without, atol=1e-4)
+    np.testing.assert_allclose(with_reuse, one_by_one, atol=1e-4)
+    assert np.std(with_reuse) > 0
+
+
+def test_prefix_len_marks_the_prompt_tokens(tiny_bert: Path, tiny_gpt2: Path) -> None:
+    enc = backend_for(tiny_bert).formatter.encode(PROMPTS[0], RESPONSES[0])
+    assert enc.token_type_ids[enc.prefix_len - 1] == 0 and enc.token_type_ids[enc.prefix_len + 1] == 1  # [SEP] between
+    dec = backend_for(tiny_gpt2).formatter
+    a, b = dec.encode(PROMPTS[1], "yes"), dec.encode(PROMPTS[1], "no thanks")
+    assert a.input_ids[: a.prefix_len] == b.input_ids[: b.prefix_len] and a.prefix_len < len(a)
+
+
+def test_bf16_ranking_agrees_with_fp32(tiny_bert: Path, tmp_path: Path) -> None:
+    """The bench's agreement check (pairwise accuracy within 0.5 point) on a tiny model whose
+    rewards are spread out (a fresh tiny model's are all ≈ equal): pairs are half the ranks apart."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from service.bench.measure import pairwise_agreement
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path / "spread")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "spread")
+    fp32, bf16 = backend_for(tmp_path / "spread"), backend_for(tmp_path / "spread", dtype="bfloat16")
+    items = [fp32.formatter.encode(p, r) for p in PROMPTS for r in RESPONSES + ["yes", "no", "maybe later"]]
+    order = np.argsort(fp32.score(items))  # ranks → pairs (rank k + n/2 over rank k), chosen first
+    half = len(order) // 2
+    flat = [items[int(k)] for i in range(half) for k in (order[i + half], order[i])]
+    ref = fp32.score(flat)
+    assert np.std(ref) > 0.1  # rewards spread out, so margins dwarf bf16 rounding
+    result = pairwise_agreement(ref, bf16.score(flat))
+    assert result["accuracy_reference"] == 1.0 and result["ok"] and result["order_flips"] == 0, result
+
+
+def test_onnx_int8_quantized_tracks_fp32(tiny_bert: Path, tmp_path: Path) -> None:
+    export_onnx(str(tiny_bert), tmp_path / "onnx", check=False)
+    fp32 = load_backend(ModelConfig(name="m", path=str(tmp_path / "onnx"), backend="onnx", device="cpu"), None)
+    int8 = load_backend(ModelConfig(name="m", path=str(tmp_path / "onnx"), backend="onnx", device="cpu",
+                                    quantize="int8"), None)
+    assert int8.info.dtype == "int8" and (tmp_path / "onnx" / "model.int8.onnx").is_file()
+    encoded = [fp32.formatter.encode(p, r) for p, r in PAIRS]
+    np.testing.assert_allclose(int8.score(encoded), fp32.score(encoded), atol=0.05)
+
+
+def test_quantize_is_refused_on_torch(tiny_bert: Path) -> None:
+    with pytest.raises(ModelLoadError, match="onnx-backend option"):
+        backend_for(tiny_bert, quantize="int8")

@@ -26,13 +26,16 @@ def load_backend(cfg: ModelConfig, base_dir: Path | None, threads: int | None = 
         if cfg.backend == "onnx":
             from .onnx_backend import OnnxBackend
 
-            return OnnxBackend(resolve_model_path(cfg.path, base_dir), device=device, threads=threads, **overrides)
+            return OnnxBackend(resolve_model_path(cfg.path, base_dir), device=device, threads=threads,
+                               quantize=cfg.quantize, **overrides)
         from .modeling import load_reward_model
         from .torch_backend import TorchBackend
 
         dtype = resolve_dtype(cfg.dtype, device)
         loaded = load_reward_model(cfg.path, dtype, device, base_dir, cfg.trust_remote_code)
-        return TorchBackend(loaded, dtype, device, **overrides)
+        if cfg.quantize != "none":
+            raise ModelLoadError("quantize is an onnx-backend option (export with 'logand export-onnx')")
+        return TorchBackend(loaded, dtype, device, reuse_prefix=cfg.reuse_prefix, **overrides)
     except ModelLoadError as exc:
         raise ModelLoadError(f"model {cfg.name!r}: {exc}") from exc
     except (OSError, ValueError, KeyError) as exc:

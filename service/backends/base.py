@@ -50,10 +50,11 @@ class Backend(ABC):
 
 
 def pad_batch(
-    batch: Sequence[Encoded], pad_id: int, with_types: bool
+    batch: Sequence[Encoded], pad_id: int, with_types: bool, length: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Right-pad to the longest item: (input_ids, attention_mask, token_type_ids), each (B, T) int64."""
-    longest = max(len(e) for e in batch)
+    """Right-pad to the longest item (or to ``length``): (input_ids, attention_mask,
+    token_type_ids), each (B, T) int64."""
+    longest = max([len(e) for e in batch] + ([length] if length else []))
     ids = np.full((len(batch), longest), pad_id, dtype=np.int64)  # (B, T)
     mask = np.zeros((len(batch), longest), dtype=np.int64)  # (B, T)
     types = np.zeros((len(batch), longest), dtype=np.int64) if with_types else None  # (B, T)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +22,7 @@ from .modeling import CARD_NAME, ModelLoadError, read_card
 
 log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
+QUANTIZED_FILE = "model.int8.onnx"
 
 
 def providers_for(device: str) -> list[str]:
@@ -40,7 +43,7 @@ class OnnxBackend(Backend):
     def __init__(
         self, path: str, device: str = "cpu", threads: int | None = None,
         max_length: int | None = None, style: str | None = None,
-        chat_template: str | None = None, append_eos: bool | None = None,
+        chat_template: str | None = None, append_eos: bool | None = None, quantize: str = "none",
     ) -> None:
         import onnxruntime as ort
         from transformers import AutoTokenizer
@@ -54,7 +57,8 @@ class OnnxBackend(Backend):
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(root / ONNX_FILE), opts, providers=providers_for(device))
+        graph = root / ONNX_FILE if quantize == "none" else quantized_graph(root, quantize)
+        self.session = ort.InferenceSession(str(graph), opts, providers=providers_for(device))
         self._inputs = {i.name for i in self.session.get_inputs()}
         tok = AutoTokenizer.from_pretrained(root)
         onnx_meta = card.get("onnx", {})
@@ -67,7 +71,8 @@ class OnnxBackend(Backend):
         )
         self._pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.info = BackendInfo(
-            kind="onnx", device=device, dtype="float32", max_length=self.formatter.max_length,
+            kind="onnx", device=device, dtype="float32" if quantize == "none" else quantize,
+            max_length=self.formatter.max_length,
             style=self.formatter.style, revision=revision_of(root), path=str(root),
             architecture=onnx_meta.get("architecture", "encoder"),
         )
@@ -79,6 +84,32 @@ class OnnxBackend(Backend):
             feeds["token_type_ids"] = types
         (rewards,) = self.session.run(["reward"], feeds)  # (B,)
         return np.asarray(rewards, dtype=np.float64).tolist()
+
+
+def quantized_graph(root: Path, quantize: str) -> Path:
+    """``model.int8.onnx`` beside ``model.onnx``: made on first use (dynamic quantisation of the
+    MatMul weights to int8; activations are quantised per batch at run time), then reused.  A
+    read-only model directory gets it in a per-user cache folder instead."""
+    if quantize != "int8":
+        raise ModelLoadError(f"unknown quantize {quantize!r} (choose none or int8)")
+    src = root / ONNX_FILE
+    target = root / QUANTIZED_FILE
+    if target.is_file() and target.stat().st_mtime >= src.stat().st_mtime:
+        return target
+    if not os.access(root, os.W_OK):
+        cache = Path(tempfile.gettempdir()) / f"logand-onnx-{os.getuid()}" / revision_of(root)
+        cache.mkdir(parents=True, exist_ok=True)
+        target = cache / QUANTIZED_FILE
+        if target.is_file():
+            return target
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Written under a temporary name and renamed, so a concurrent loader never reads half a file.
+    partial = target.with_suffix(f".{os.getpid()}.partial")
+    quantize_dynamic(str(src), str(partial), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    partial.replace(target)
+    log.info("quantised %s to int8: %s", src, target)
+    return target
 
 
 def export_onnx(src: str, out: str | Path, base_dir: Path | None = None, check: bool = True) -> dict[str, Any]:
