@@ -28,10 +28,9 @@ from typing import Sequence
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .api import create_app
     from .config import load_settings
+    from .server import serve
 
     settings = load_settings(args.config)
     if args.host:
@@ -41,8 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
     level = settings.server.log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=level,
-                timeout_graceful_shutdown=int(settings.engine.batch_timeout_s) + 5)
+    serve(app, settings.server.host, settings.server.port, level, settings.server.drain_timeout_s,
+          graceful_s=int(settings.engine.batch_timeout_s) + 5)
     return 0
 
 

@@ -46,9 +46,9 @@ class _Lenient(BaseModel):
 
 
 class GetRewardRequest(_Lenient):
-    query: Annotated[list[StrictStr], Field(min_length=1)] = Field(
+    query: Annotated[list[p.Text], Field(min_length=1)] = Field(
         description="prompt + response, rendered with the policy's chat template (special tokens included)")
-    prompts: list[StrictStr] | None = Field(None, description="the rendered prompt of each query")
+    prompts: list[p.Text] | None = Field(None, description="the rendered prompt of each query")
     labels: list[Any] | None = Field(None, description="ignored (reference answers for rule-based rewards)")
 
 
@@ -60,7 +60,7 @@ class GetRewardResponse(BaseModel):
 
 class ClassifyRequest(_Lenient):
     model: StrictStr | None = Field(None, description="a hosted model name → its raw reward; else the utility")
-    input: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] = Field(
+    input: p.Text | Annotated[list[p.Text], Field(min_length=1)] = Field(
         description="rendered conversation(s) ending in the response to score")
     activation: bool | None = Field(None, description="apply the sigmoid (default true, as vLLM)")
     use_activation: bool | None = Field(None, description="vLLM's newer name for activation")

@@ -129,6 +129,8 @@ class ServerConfig(_Section):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins (off when empty)")
+    drain_timeout_s: float = Field(
+        130.0, gt=0, description="on SIGTERM, how long accepted requests may take to finish before the server exits")
 
 
 class CompatConfig(_Section):

@@ -147,6 +147,11 @@ class ModelQueue:
         self._wakeup.set()
         return [it.future for it in items]
 
+    def close_intake(self) -> None:
+        """Refuse new work (503) from now on; what was accepted is still scored."""
+        self._accepting = False
+        self._wakeup.set()
+
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting; with ``drain`` finish what was accepted, else fail it."""
         self._accepting = False
@@ -263,6 +268,15 @@ class Engine:
     def start(self) -> None:
         for q in self.queues.values():
             q.start()
+
+    def close_intake(self) -> None:
+        for q in self.queues.values():
+            q.close_intake()
+
+    @property
+    def depth(self) -> int:
+        """Items accepted and not yet scored, over all models."""
+        return sum(q.depth for q in self.queues.values())
 
     async def stop(self, drain: bool = True) -> None:
         await asyncio.gather(*(q.stop(drain) for q in self.queues.values()))

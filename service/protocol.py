@@ -9,11 +9,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+import re
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from .utility import METHODS
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode_text(value: str) -> str:
+    # JSON can escape a lone UTF-16 surrogate ("\udc80"); it is no character, and tokenizers fail on it.
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise ValueError(f"not valid Unicode: a lone surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}")
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode_text)]
+"""A string of real Unicode characters (what every text field on the wire is)."""
 MethodName = Literal["log_sigmoid_sum", "weighted_sum", "transformed", "raw"]
 assert set(MethodName.__args__) == set(METHODS)  # type: ignore[attr-defined]
 
@@ -25,14 +40,14 @@ class _Strict(BaseModel):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    content: Text
 
 
 class ScoreItem(_Strict):
-    prompt: StrictStr | Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+    prompt: Text | Annotated[list[ChatMessage], Field(min_length=1)] = Field(
         description="HH transcript ('\\n\\nHuman: …\\n\\nAssistant:') or a list of chat messages"
     )
-    response: Annotated[StrictStr, Field(min_length=1)] = Field(description="the response to score")
+    response: Annotated[Text, Field(min_length=1)] = Field(description="the response to score")
 
 
 class ReferenceOverride(_Strict):
@@ -40,7 +55,7 @@ class ReferenceOverride(_Strict):
 
     constant: FiniteFloat | None = Field(None, description="the same r_ref for every item")
     values: list[FiniteFloat] | None = Field(None, description="one r_ref per item, in item order")
-    responses: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)] | None = Field(
+    responses: Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1)] | None = Field(
         None, description="reference responses: r_ref(x) = mean of r(x, y_ref) over them"
     )
 

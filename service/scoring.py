@@ -104,6 +104,12 @@ class ScoringService:
             await self._score_pairs(name, [WARMUP], allow_truncation=True)
         self.ready = True
 
+    def begin_drain(self) -> None:
+        """Shutdown's first step: not ready, and no new work; accepted work goes on."""
+        self.ready = False
+        self.draining = True
+        self.engine.close_intake()
+
     async def stop(self, drain: bool = True) -> None:
         self.ready = False
         self.draining = True

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -20,6 +22,14 @@ from .metrics import Metrics
 from .middleware import GuardMiddleware
 
 log = logging.getLogger("logand")
+access = logging.getLogger("logand.access")
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+_RID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(given: str | None) -> str:
+    """The caller's X-Request-ID when it is a plain token, else a fresh one."""
+    return given if given and _RID.fullmatch(given) else uuid.uuid4().hex
 
 
 def _hosted_names(schema: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -79,14 +89,34 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+    app.state.inflight = 0  # requests inside the app now (probes and scrapes not counted)
+
     @app.middleware("http")
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
-        response: Response = await call_next(request)
+        rid = request_id(request.headers.get("x-request-id"))
+        path = request.url.path
+        if path in OPS_PATHS:
+            response: Response = await call_next(request)
+        elif service.draining:
+            # Shutting down: new work is refused at the door; what was accepted finishes.
+            response = errors.error_response(503, "not_ready", "the server is shutting down; retry elsewhere",
+                                             headers={"Retry-After": str(settings.engine.retry_after_s),
+                                                      "Connection": "close"})
+        else:
+            app.state.inflight += 1
+            try:
+                response = await call_next(request)
+            finally:
+                app.state.inflight -= 1
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
+        elapsed = time.perf_counter() - started
         metrics.requests.labels(name, str(response.status_code)).inc()
-        metrics.request_seconds.labels(name).observe(time.perf_counter() - started)
+        metrics.request_seconds.labels(name).observe(elapsed)
+        response.headers["X-Request-ID"] = rid
+        if path not in OPS_PATHS:  # one line per request: never the body
+            access.info("%s %s %s %d %.1fms", rid, request.method, path, response.status_code, elapsed * 1000)
         return response
 
     if settings.server.cors_origins:

@@ -31,9 +31,19 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _field(loc: tuple) -> str:
-    parts = [str(x) for x in loc if x not in ("body",)]
+    """``items.0.prompt`` from pydantic's location, without the union-member tags it adds
+    (``str``, ``list[ChatMessage]``, ``function-after[…]``)."""
+    parts = [str(x) for x in loc if x != "body" and not (isinstance(x, str) and (
+        x in _TYPE_TAGS or "[" in x or "(" in x))]
     return ".".join(parts) or "body"
+
+
+def _message(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
 
 
 def install(app: FastAPI) -> None:
@@ -46,7 +56,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
-        details = [{"field": _field(tuple(er.get("loc", ()))), "message": er.get("msg", "")} for er in errs]
+        if errs and errs[0].get("type") == "json_invalid":
+            reason = (errs[0].get("ctx") or {}).get("error", "")
+            return error_response(400, "bad_request", f"the body is not valid JSON ({reason})".replace(" ()", ""),
+                                  "body")
+        details = [{"field": _field(tuple(er.get("loc", ()))), "message": _message(er.get("msg", ""))} for er in errs]
         first = details[0] if details else {"field": "body", "message": "invalid request"}
         more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
         return error_response(422, "invalid_request", f"{first['field']}: {first['message']}{more}",
@@ -55,7 +69,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "bad_request"}
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
+        message, field = str(exc.detail), None
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            message, field = "the body is not valid JSON (or not UTF-8, or nested too deeply)", "body"
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), message, field,
                               headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
