@@ -187,3 +187,20 @@ def test_backpressure_is_429_with_the_services_retry_after(ray_url: str, tiny_be
         assert all(len(r) == 1 and math.isfinite(r[0].utility) for r in results)
     finally:
         serve.delete("tight")
+
+
+def test_builder_arguments_are_validated_before_anything_is_deployed(tmp_path: Path) -> None:
+    """``serve run deploy.ray_serve:build_app key=value``: strings typed, bad values named."""
+    from ray.serve import Application
+
+    from deploy.ray_serve import build_app
+
+    assert isinstance(build_app({"max_replicas": "3", "num_gpus": "0"}), Application)  # embedded defaults
+    with pytest.raises(ValueError, match="max_replicas"):
+        build_app({"min_replicas": "3", "max_replicas": "2"})
+    with pytest.raises(ValueError, match="replica"):
+        build_app({"replicas": "2"})  # a typo is an error, not ignored
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [{name: m, path: x, dtype: float64}]\n")
+    with pytest.raises(ValueError, match="models.0.dtype"):
+        build_app({"config": str(bad)})
