@@ -294,7 +294,9 @@ def test_manifests_agree_with_the_app_and_each_other(overlay: str, container_lik
 
     # Graceful termination outlasts the longest batch (uvicorn waits batch_timeout_s + 5 s).
     grace = pod["spec"]["terminationGracePeriodSeconds"]
-    assert grace > settings.engine.batch_timeout_s + 5 + 5  # + the preStop pause
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    drain = getattr(settings.server, "drain_timeout_s", 0.0)  # the draining SIGTERM's budget
+    assert grace > pause + max(drain, settings.engine.batch_timeout_s + 5)
     security = pod["spec"]["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] == int(instructions("USER")[-1].split(":")[0])
 
