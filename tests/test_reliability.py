@@ -231,3 +231,74 @@ def test_pickled_weights_are_refused(tiny_bert: Path, tmp_path: Path) -> None:
     weights.unlink()
     with pytest.raises(ModelLoadError, match="'p'"):
         load_backend(ModelConfig(name="p", path=str(pickled), device="cpu"), None)
+
+
+class _Faulty:
+    """A real backend that misbehaves on items whose text holds a trigger word (one the tiny
+    tokenizer knows): raises ("weapon"), returns NaN ("drug"), or hangs ("snow").  The stimulus of the fault tests; the engine and HTTP layers under
+    test are the real ones."""
+
+    def __init__(self, real: Any, tokenizer: Any) -> None:
+        self._real, self._tok = real, tokenizer
+        self.info, self.on_gpu = real.info, real.on_gpu
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def score(self, batch: Any) -> list[float]:
+        texts = [self._tok.decode(e.input_ids) for e in batch]
+        if any("weapon" in t for t in texts):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if any("snow" in t for t in texts):
+            time.sleep(3)
+        scores = self._real.score(batch)
+        return [float("nan") if "drug" in t else s for t, s in zip(texts, scores)]
+
+
+@pytest.fixture
+async def faulty_client(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from transformers import AutoTokenizer
+
+    from service import scoring
+    from tests.conftest import asgi_client, make_settings
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    real_load = scoring.load_backend
+    monkeypatch.setattr(scoring, "load_backend", lambda *a, **k: _Faulty(real_load(*a, **k), tokenizer))
+    settings = make_settings([{"name": "m", "path": str(tiny_bert), "dtype": "float32", "device": "cpu"}],
+                             engine={"batch_timeout_s": 1.0, "max_wait_ms": 50, "max_queue_items": 4})
+    async for c in asgi_client(settings):
+        yield c
+
+
+def _req(*responses: str) -> dict[str, Any]:
+    return {"items": [{"prompt": "\n\nHuman: hi\n\nAssistant:", "response": r} for r in responses]}
+
+
+async def test_faults_fail_only_their_items_and_the_service_stays_ready(faulty_client: httpx.AsyncClient) -> None:
+    c = faulty_client
+    # A backend exception fails its batch with a clear 500 naming the model; the next batch scores.
+    r = await c.post("/v1/score", json=_req("a weapon"))
+    assert r.status_code == 500 and "'m'" in r.json()["error"]["message"] and "illegal memory" in r.text
+    assert (await c.post("/v1/score", json=_req("good"))).status_code == 200
+    # A NaN fails only its item's request: another request batched with it is answered.
+    poisoned, clean = await asyncio.gather(c.post("/v1/score", json=_req("a drug")),
+                                           c.post("/v1/score", json=_req("a good answer")))
+    assert poisoned.status_code == 500 and "non-finite" in poisoned.json()["error"]["message"]
+    assert clean.status_code == 200
+    # A hung forward pass: 504 for its batch at the timeout; the next batch is scored.
+    started = time.monotonic()
+    hung = await c.post("/v1/score", json=_req("snow day"))
+    assert hung.status_code == 504 and time.monotonic() - started < 2.9
+    assert (await c.post("/v1/score", json=_req("sun day"))).status_code == 200
+    assert (await c.get("/ready")).status_code == 200
+
+
+async def test_readiness_is_false_while_a_queue_is_full(faulty_client: httpx.AsyncClient) -> None:
+    c = faulty_client
+    busy = asyncio.ensure_future(c.post("/v1/score", json=_req(*["snow"] * 4)))  # fills the queue of 4
+    await asyncio.sleep(0.4)
+    r = await c.get("/ready")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and r.headers["Retry-After"]
+    assert (await busy).status_code == 504
+    assert (await c.get("/ready")).status_code == 200

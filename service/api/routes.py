@@ -91,11 +91,15 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", tags=["ops"], responses={503: {"model": p.ErrorResponse}})
 async def ready(request: Request) -> JSONResponse:
-    """Models loaded and warmed, and not shutting down (readiness)."""
+    """Models loaded and warmed, not shutting down, and no model's queue full (readiness)."""
     svc = _service(request)
     if not svc.ready:
         exc = NotReady("shutting down" if svc.draining else "models are loading")
         return error_response(503, exc.code, exc.message, headers={"Retry-After": "1"})
+    full = [name for name, q in svc.engine.queues.items() if q.depth >= q.policy.max_queue_items]
+    if full:  # a load balancer should send new work elsewhere until the queue has room
+        return error_response(503, "overloaded", f"queue full: {', '.join(full)}",
+                              headers={"Retry-After": str(svc.settings.engine.retry_after_s)})
     return JSONResponse({"status": "ready", "models": list(svc.models)})
 
 
