@@ -87,17 +87,22 @@ class LiveServer(LocalService):
         return self
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_gpt2: Path) -> Iterator[LiveServer]:
-    config = {
+def enc_dec_config(tiny_bert: Path, tiny_gpt2: Path, **sections: Any) -> dict[str, Any]:
+    """A server config of an encoder ("enc", constant reference 0.5) and a decoder ("dec")."""
+    return {
         "models": [
             {"name": "enc", "path": str(tiny_bert), "device": "cpu", "dtype": "float32",
              "reference": {"type": "constant", "value": 0.5}},
             {"name": "dec", "path": str(tiny_gpt2), "device": "cpu", "dtype": "float32"},
         ],
         "engine": {"max_wait_ms": 2, "threads": 1},
+        **sections,
     }
-    server = LiveServer(config, tmp_path_factory.mktemp("live"))
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_gpt2: Path) -> Iterator[LiveServer]:
+    server = LiveServer(enc_dec_config(tiny_bert, tiny_gpt2), tmp_path_factory.mktemp("live"))
     try:
         server.wait_ready()
         yield server

@@ -15,23 +15,15 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, enc_dec_config
 
 EXAMPLES = int(os.environ.get("LOGAND_FUZZ_EXAMPLES", "25"))
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, tiny_gpt2: Path) -> Iterator[LiveServer]:
-    config = {
-        "models": [
-            {"name": "enc", "path": str(tiny_bert), "device": "cpu", "dtype": "float32",
-             "reference": {"type": "constant", "value": 0.5}},
-            {"name": "dec", "path": str(tiny_gpt2), "device": "cpu", "dtype": "float32"},
-        ],
-        "engine": {"max_wait_ms": 1, "threads": 1},
-        "limits": {"max_items_per_request": 64, "max_chars_per_text": 2000, "max_body_bytes": 65536},
-    }
-    server = LiveServer(config, tmp_path_factory.mktemp("fuzz"))
+    limits = {"max_items_per_request": 64, "max_chars_per_text": 2000, "max_body_bytes": 65536}
+    server = LiveServer(enc_dec_config(tiny_bert, tiny_gpt2, limits=limits), tmp_path_factory.mktemp("fuzz"))
     try:
         yield server.wait_ready()
     finally:
