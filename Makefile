@@ -126,3 +126,16 @@ check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+# Performance (reports/performance/): the matmul limit, each backend in-process, the service vs a
+# naive server over real HTTP, prompt-KV reuse on best-of-64, and a 20,000-request RSS soak.
+# CPU: about 25 minutes on 2 cores (18 without the soak).  GPU (one H200, bf16, onnxruntime's CUDA provider when
+# onnxruntime-gpu is installed): sized for under 8 minutes (not yet measured).
+.PHONY: bench bench-gpu
+BENCH_ARGS ?=
+bench: $(STAMP) $(POLICY_OUT)/config.json
+	$(BIN)/logand bench --soak --out reports/performance/bench.json $(BENCH_ARGS)
+
+bench-gpu: $(STAMP) $(POLICY_OUT)/config.json
+	$(BIN)/logand bench --device cuda --items 4096 --search-items 1024 --naive-items 1024 --decoder-items 1024 \
+		--lone 100 --bulk-concurrency 4 --soak 20000 --out reports/performance/gpu/bench.json $(BENCH_ARGS)

@@ -105,8 +105,9 @@ class Server:
 
 
 def bodies(items: Sequence[tuple[str, str]], per_request: int) -> list[dict[str, Any]]:
-    return [{"items": [{"prompt": p, "response": r} for p, r in items[i:i + per_request]], "models": ["m"]}
-            for i in range(0, len(items), per_request)]
+    # allow_truncation: long HH texts are cut as in-process (and as trainers' requests are)
+    return [{"items": [{"prompt": p, "response": r} for p, r in items[i:i + per_request]], "models": ["m"],
+             "allow_truncation": True} for i in range(0, len(items), per_request)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -88,8 +88,11 @@ def _onnx_dir(label: str, path: str, work: Path) -> str:
     return str(out)
 
 
-def bench_model(name: str, args: argparse.Namespace, device: str, limits: dict[str, float],
-                pairs_all: list[Any]) -> dict[str, Any]:
+def _matmul_n(args: argparse.Namespace, device: str) -> int:
+    return 512 if args.quick else (8192 if device.startswith("cuda") else 2048)
+
+
+def bench_model(name: str, args: argparse.Namespace, device: str, pairs_all: list[Any]) -> dict[str, Any]:
     label, path, max_length = _resolve_model(name, args)
     ref = _load(_model_cfg("torch-float32", path, device, max_length), args.threads)
     decoder = ref.info.architecture == "decoder"
@@ -126,7 +129,8 @@ def bench_model(name: str, args: argparse.Namespace, device: str, limits: dict[s
             result["variants"][variant] = {"skipped": f"{type(exc).__name__}: {exc}"}
             continue
         dtype = "float32" if cfg["backend"] == "onnx" else cfg["dtype"]
-        limit = limits.get(dtype)
+        # The limit again, just before this variant runs: on a shared machine the load changes.
+        limit = matmul_flops(dtype, device, n=_matmul_n(args, device), seconds=0.3 if args.quick else 1.0)
         run_batched(backend, search[:4], policies(device.startswith("cuda"))["bs1"])  # warm-up
         tried: dict[str, Throughput] = {}
         for pname, pol in policies(device.startswith("cuda")).items():
@@ -135,7 +139,7 @@ def bench_model(name: str, args: argparse.Namespace, device: str, limits: dict[s
         best_name = max(tried, key=lambda k: tried[k].items_per_s)
         full = run_batched(backend, encoded, policies(device.startswith("cuda"))[best_name], best_name)
         entry: dict[str, Any] = {
-            "config": cfg, "matmul_dtype": dtype,
+            "config": cfg, "matmul_dtype": dtype, "matmul_flops_now": limit,
             "search": {k: v.summary(flops_per_token, limit) for k, v in tried.items()},
             "best": full.summary(flops_per_token, limit),
         }
@@ -228,12 +232,24 @@ def _best_of_k(backend: Any, pairs: list[Any], device: str, flops_per_token: flo
 
 
 def run(args: argparse.Namespace) -> int:
+    """The whole bench; 0 also when skipped for want of data (it says so on stderr)."""
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, min(getattr(args, k), v))
     if not args.data.is_dir() or not list(args.data.glob("*.jsonl.gz")):
         print(f"logand bench: skipped: no HH-RLHF data (*.jsonl.gz) at {args.data}; pass --data DIR", file=sys.stderr)
         return 0
+    import signal
+
+    # A terminated bench still stops its server subprocesses (their context managers run).
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from ..backends.modeling import resolve_device
@@ -258,12 +274,12 @@ def run(args: argparse.Namespace) -> int:
         doc["soak"] = _soak(args, device, pairs)
     else:
         dtypes = ["float32", "bfloat16"] + (["float16"] if device.startswith("cuda") else [])
-        doc["limits"] = {d: matmul_flops(d, device, n=512 if args.quick else (8192 if device.startswith("cuda") else 2048),
-                                         seconds=0.3 if args.quick else 2.0) for d in dtypes}
+        doc["limits"] = {d: matmul_flops(d, device, n=_matmul_n(args, device), seconds=0.3 if args.quick else 2.0)
+                         for d in dtypes}
         log("matmul FLOP/s: " + ", ".join(f"{d} {v / 1e9:.0f} G" for d, v in doc["limits"].items()))
         for name in args.models:
             try:
-                doc["models"].append(bench_model(name, args, device, doc["limits"], pairs))
+                doc["models"].append(bench_model(name, args, device, pairs))
             except FileNotFoundError as exc:
                 log(f"{name}: skipped ({exc})")
                 doc["models"].append({"model": name, "skipped": str(exc)})
@@ -273,8 +289,10 @@ def run(args: argparse.Namespace) -> int:
     doc["seconds"] = round(time.time() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(table(doc))
-    print(f"\nwrote {args.out}")
+    text = table(doc)
+    args.out.with_suffix(".md").write_text(f"Command: `{doc['command']}` ({doc['started']})\n\n{text}\n")
+    print(text)
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 
