@@ -29,7 +29,10 @@ def load_backend(cfg: ModelConfig, base_dir: Path | None, threads: int | None = 
             return OnnxBackend(resolve_model_path(cfg.path, base_dir), device=device, threads=threads,
                                quantize=cfg.quantize, **overrides)
         from .modeling import load_reward_model
-        from .torch_backend import TorchBackend
+        from .torch_backend import TorchBackend, bound_onednn_cache
+
+        if device == "cpu":
+            bound_onednn_cache()
 
         dtype = resolve_dtype(cfg.dtype, device)
         loaded = load_reward_model(cfg.path, dtype, device, base_dir, cfg.trust_remote_code)
