@@ -129,17 +129,22 @@ class ModelQueue:
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
-    def submit(self, encoded: Sequence[Encoded]) -> list[asyncio.Future[float]]:
-        """Enqueue all of ``encoded`` or none of it (429 when the queue has no room)."""
+    def admit(self, n: int) -> None:
+        """Raise what ``submit`` of ``n`` items would raise now (429 / 503).  Called before a
+        request is tokenized, so an overloaded server refuses work without paying for it."""
         if not self._accepting:
             raise NotReady(f"model {self.name!r} is not accepting work (starting or shutting down)",
                            self.policy.retry_after_s)
-        if len(self._pending) + len(encoded) > self.policy.max_queue_items:
+        if len(self._pending) + n > self.policy.max_queue_items:
             raise Overloaded(
                 f"model {self.name!r} queue is full ({len(self._pending)} waiting, "
                 f"limit {self.policy.max_queue_items}); retry later",
                 self.policy.retry_after_s,
             )
+
+    def submit(self, encoded: Sequence[Encoded]) -> list[asyncio.Future[float]]:
+        """Enqueue all of ``encoded`` or none of it (429 when the queue has no room)."""
+        self.admit(len(encoded))
         loop = asyncio.get_running_loop()
         items = [WorkItem(e, loop.create_future()) for e in encoded]
         self._pending.extend(items)

@@ -210,6 +210,8 @@ class ScoringService:
             raise NotReady("models are loading or the service is shutting down", self.settings.engine.retry_after_s)
         self._check_limits(req)
         names, method = self._select(req)
+        for name in names:  # refuse early when a queue is full: before the tokenizing
+            self.engine.queues[name].admit(len(req.items))
         prompts: list[Prompt] = [
             it.prompt if isinstance(it.prompt, str) else [m.model_dump() for m in it.prompt] for it in req.items
         ]

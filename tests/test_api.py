@@ -136,7 +136,7 @@ async def test_utility_bad_input(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/utility", json={"rewards": [{"a": 1.0}], "weights": {"b": 1.0}})
     assert r.status_code == 422 and r.json()["error"]["field"] == "weights"
     r = await client.post("/v1/utility", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert r.status_code == 400 and r.json()["error"]["field"] == "body"
 
 
 async def test_limits_answer_413(tiny_bert: Path) -> None:

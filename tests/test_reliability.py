@@ -84,11 +84,12 @@ def test_sigterm_under_load_drains_accepted_work_and_refuses_new(tiny_bert: Path
 
 async def _open_loop(url: str, rate: float, seconds: float, items: int) -> list[httpx.Response | Exception]:
     """Requests sent at a fixed rate whatever the answers (an open loop, like many trainers)."""
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    body = {"items": _items(items), "models": ["m"]}
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         async def one() -> httpx.Response | Exception:
             try:
-                return await client.post("/v1/score", json={"items": _items(items, 20), "models": ["m"]})
+                return await client.post("/v1/score", json=body)
             except Exception as exc:
                 return exc
         tasks, start = [], time.monotonic()
@@ -100,7 +101,7 @@ async def _open_loop(url: str, rate: float, seconds: float, items: int) -> list[
         return list(await asyncio.gather(*tasks))
 
 
-def _throughput(url: str, items: int = 16, n: int = 24) -> float:
+def _throughput(url: str, items: int = 32, n: int = 16) -> float:
     started = time.monotonic()
     out = asyncio.run(_hammer(url, n, items, concurrency=4))
     assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in out)
@@ -120,8 +121,8 @@ def test_overload_is_answered_with_429_and_throughput_recovers(tiny_bert: Path, 
         proc = psutil.Process(server.proc.pid)
         before = _throughput(server.url)
         rss_before = proc.memory_info().rss
-        items = 16
-        outcomes = asyncio.run(_open_loop(server.url, rate=10 * before / items, seconds=4, items=items))
+        items = 32  # the same texts as the capacity was measured on
+        outcomes = asyncio.run(_open_loop(server.url, rate=10 * before / items, seconds=3, items=items))
         rss_after = proc.memory_info().rss
         after = _throughput(server.url)
     finally:
@@ -136,7 +137,7 @@ def test_overload_is_answered_with_429_and_throughput_recovers(tiny_bert: Path, 
     assert statuses.count(200) > 0
     assert rss_after - rss_before < 200 * 2**20, f"memory grew by {(rss_after - rss_before) / 2**20:.0f} MiB"
     assert after > 0.6 * before, f"throughput did not recover: {before:.0f} → {after:.0f} items/s"
-    print(f"capacity {before:.0f} items/s; offered {10 * before:.0f} items/s for 4 s: {statuses.count(200)} × 200, "
+    print(f"capacity {before:.0f} items/s; offered {10 * before:.0f} items/s for 3 s: {statuses.count(200)} × 200, "
           f"{len(refused)} refused; RSS {rss_before / 2**20:.0f} → {rss_after / 2**20:.0f} MiB; after {after:.0f} items/s")
 
 
