@@ -131,9 +131,22 @@ def aggregate(
         raise UtilityError(f"references name models without a reward: {', '.join(unknown_refs)}", "references")
 
     margins = {n: rewards[n] - refs.get(n, 0.0) for n in names}
+    if not all(math.isfinite(m) for m in margins.values()):
+        raise UtilityError("reward − reference overflows a float: the rewards are too large", "rewards")
     utilities = {n: log_sigmoid(m) for n, m in margins.items()}
     goods = {n: sigmoid(m) for n, m in margins.items()}
-    total = math.fsum(utilities.values())
+    try:
+        total, value = math.fsum(utilities.values()), _combine(method, names, rewards, utilities, weights)
+    except OverflowError:
+        total = value = math.inf
+    if not (math.isfinite(total) and math.isfinite(value)):
+        raise UtilityError(f"the {method} aggregate overflows a float: the rewards or weights are too large",
+                           "rewards")
+    return Utilities(utilities=utilities, utility=value, p_good=goods, p_all=math.exp(total))
+
+
+def _combine(method: str, names: list[str], rewards: Mapping[str, float], utilities: Mapping[str, float],
+             weights: Mapping[str, float] | None) -> float:
     if method == "log_sigmoid_sum":
         w = weights or {}
         value = math.fsum(w.get(n, 1.0) * utilities[n] for n in names)
@@ -144,4 +157,4 @@ def aggregate(
         value = utilities[names[0]]
     else:  # raw
         value = rewards[names[0]]
-    return Utilities(utilities=utilities, utility=value, p_good=goods, p_all=math.exp(total))
+    return value
