@@ -15,15 +15,9 @@ from typing import Any, Sequence
 import httpx
 import yaml
 
+from clients.local import free_port, stop_process
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -31,7 +25,7 @@ class Server:
 
     def __init__(self, kind: str, model: dict[str, Any], workdir: Path, threads: int | None,
                  engine: dict[str, Any] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"{kind}-{self.port}.log"
@@ -84,14 +78,7 @@ class Server:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        stop_process(self.proc, self._log)
 
     def __enter__(self) -> "Server":
         try:
