@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     serve(app, settings.server.host, settings.server.port, level, settings.server.drain_timeout_s,
-          graceful_s=int(settings.engine.batch_timeout_s) + 5)
+          graceful_s=int(settings.engine.batch_timeout_s) + 5, keep_alive_s=settings.server.keep_alive_s)
     return 0
 
 

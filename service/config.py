@@ -130,6 +130,10 @@ class ServerConfig(_Section):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     cors_origins: list[str] = Field(default_factory=list, description="CORS allowed origins (off when empty)")
+    keep_alive_s: float = Field(
+        75.0, gt=0, description="idle keep-alive connections are closed after this; keep it above the idle "
+                                "timeout of clients and load balancers (httpx: 5 s, ALB: 60 s), or a request sent "
+                                "on a connection the server is closing fails")
     drain_timeout_s: float = Field(
         130.0, gt=0, description="on SIGTERM, how long accepted requests may take to finish before the server exits")
 

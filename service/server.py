@@ -67,7 +67,8 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: Any, host: str, port: int, log_level: str, drain_timeout_s: float, graceful_s: int) -> None:
+def serve(app: Any, host: str, port: int, log_level: str, drain_timeout_s: float, graceful_s: int,
+          keep_alive_s: float = 75.0) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=graceful_s)
+                            timeout_graceful_shutdown=graceful_s, timeout_keep_alive=int(keep_alive_s))
     DrainingServer(config, app, drain_timeout_s).run()
