@@ -40,8 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
     level = settings.server.log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    serve(app, settings.server.host, settings.server.port, level, settings.server.drain_timeout_s,
-          graceful_s=int(settings.engine.batch_timeout_s) + 5, keep_alive_s=settings.server.keep_alive_s)
+    serve(app, settings)
     return 0
 
 

@@ -129,6 +129,11 @@ class ModelQueue:
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
+    @property
+    def full(self) -> bool:
+        """No room for another item (readiness reports it)."""
+        return self.depth >= self.policy.max_queue_items
+
     def admit(self, n: int) -> None:
         """Raise what ``submit`` of ``n`` items would raise now (429 / 503).  Called before a
         request is tokenized, so an overloaded server refuses work without paying for it."""

@@ -7,9 +7,8 @@ produced on the way out.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
-
 import re
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 

@@ -111,8 +111,7 @@ class ScoringService:
         self.engine.close_intake()
 
     async def stop(self, drain: bool = True) -> None:
-        self.ready = False
-        self.draining = True
+        self.begin_drain()
         await self.engine.stop(drain)
         for handle in self.models.values():
             handle.backend.close()

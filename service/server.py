@@ -22,6 +22,8 @@ from typing import Any
 
 import uvicorn
 
+from .config import Settings
+
 log = logging.getLogger("logand")
 
 
@@ -67,8 +69,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: Any, host: str, port: int, log_level: str, drain_timeout_s: float, graceful_s: int,
-          keep_alive_s: float = 75.0) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=graceful_s, timeout_keep_alive=int(keep_alive_s))
-    DrainingServer(config, app, drain_timeout_s).run()
+def serve(app: Any, settings: Settings) -> None:
+    s = settings.server
+    config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, access_log=False,
+                            timeout_graceful_shutdown=int(settings.engine.batch_timeout_s) + 5,
+                            timeout_keep_alive=int(s.keep_alive_s))
+    DrainingServer(config, app, s.drain_timeout_s).run()

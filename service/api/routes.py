@@ -96,7 +96,7 @@ async def ready(request: Request) -> JSONResponse:
     if not svc.ready:
         exc = NotReady("shutting down" if svc.draining else "models are loading")
         return error_response(503, exc.code, exc.message, headers={"Retry-After": "1"})
-    full = [name for name, q in svc.engine.queues.items() if q.depth >= q.policy.max_queue_items]
+    full = [name for name, q in svc.engine.queues.items() if q.full]
     if full:  # a load balancer should send new work elsewhere until the queue has room
         return error_response(503, "overloaded", f"queue full: {', '.join(full)}",
                               headers={"Retry-After": str(svc.settings.engine.retry_after_s)})
