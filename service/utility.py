@@ -137,7 +137,7 @@ def aggregate(
     goods = {n: sigmoid(m) for n, m in margins.items()}
     try:
         total, value = math.fsum(utilities.values()), _combine(method, names, rewards, utilities, weights)
-    except OverflowError:
+    except (OverflowError, ValueError):  # fsum: a sum past the float range, or +inf and -inf products
         total = value = math.inf
     if not (math.isfinite(total) and math.isfinite(value)):
         raise UtilityError(f"the {method} aggregate overflows a float: the rewards or weights are too large",
