@@ -51,21 +51,24 @@ def reward_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServ
 def test_ppo_moves_the_policy_up_the_reward_and_away_from_sft(reward_server: LiveServer, setup: tuple[Path, Path],
                                                               tmp_path: Path) -> None:
     policy, data = setup
-    # 16 rollouts a step and a moderate learning rate: a rise that stands out of the sampling noise
-    result = ppo.train(_args(reward_server.url, policy, data, tmp_path / "run", "--steps", "24", "--batch-size", "16",
-                             "--minibatch-size", "8", "--lr", "1e-3"))
+    # A step's mean utility varies by about ±0.5 with its prompts and samples.  24 steps × 16 rollouts at lr 1e-3
+    # moved too little to stand out of that (one CI run: 1.34 → 1.27).  32 steps × 32 rollouts at lr 2e-3 rose by
+    # 0.85–1.45 between the first and last quarters in 12 runs here (4 seeds × 3 reward models), against a
+    # standard error of the difference of about 0.25.
+    result = ppo.train(_args(reward_server.url, policy, data, tmp_path / "run", "--steps", "32", "--batch-size", "32",
+                             "--minibatch-size", "8", "--lr", "2e-3"))
     h = result["history"]
-    assert len(h) == 24
+    assert len(h) == 32
     assert h[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout is the SFT policy's
-    assert np.mean([x["objective/kl"] for x in h[-8:]]) > 0.01
-    first, last = np.mean([x["reward/utility"] for x in h[:4]]), np.mean([x["reward/utility"] for x in h[-8:]])
+    assert np.mean([x["objective/kl"] for x in h[-8:]]) > 0.1
+    first, last = np.mean([x["reward/utility"] for x in h[:8]]), np.mean([x["reward/utility"] for x in h[-8:]])
     assert last > first, f"utility did not rise: {first:.4f} → {last:.4f}"
     for x in h:
         assert all(np.isfinite(v) for v in x.values())
         assert {"losses/policy", "losses/value", "losses/approx_kl", "losses/clipfrac", "objective/entropy",
                 "time/generation", "time/scoring", "time/update", "reward/raw_enc"} <= set(x)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 24 and (tmp_path / "run" / "policy" / "config.json").is_file()
+    assert len(lines) == 32 and (tmp_path / "run" / "policy" / "config.json").is_file()
 
 
 def test_a_stopped_run_resumes_exactly(reward_server: LiveServer, setup: tuple[Path, Path], tmp_path: Path) -> None:
