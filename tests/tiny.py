@@ -45,11 +45,15 @@ def corpus() -> list[str]:
 
 
 def bert_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # The vocabulary is written out, not trained: the WordPiece trainer breaks frequency ties in hash order, so
+    # a trained vocabulary (and every model and test figure built on it) changed from one process to the next.
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = sorted({c for line in corpus() for c in line.lower() if not c.isspace()})
+    words = sorted({w for w in WORDS if len(w) > 1})
+    vocab = list(dict.fromkeys(specials + chars + [f"##{c}" for c in chars] + words))[:vocab_size]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
