@@ -240,12 +240,12 @@ def save_checkpoint(path: Path, step: int, policy: Any, head: ValueHead, opt: to
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "policy": trainable_state(policy), "value_head": head.state_dict(),
                 "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(), "numpy_rng": np.random.get_state()}, tmp)
+                "python_rng": random.getstate(), "numpy_rng": _numpy_rng_state()}, tmp)
     tmp.replace(path)
 
 
 def load_checkpoint(path: Path, policy: Any, head: ValueHead, opt: torch.optim.Optimizer) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no pickle
     missing = policy.load_state_dict(state["policy"], strict=False)
     if missing.unexpected_keys:
         raise ValueError(f"{path}: checkpoint does not match the policy ({missing.unexpected_keys[:3]} …)")
@@ -253,8 +253,17 @@ def load_checkpoint(path: Path, policy: Any, head: ValueHead, opt: torch.optim.O
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
-    np.random.set_state(state["numpy_rng"])
+    n = state["numpy_rng"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     return int(state["step"])
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """NumPy's generator state as a tensor and plain numbers, so a checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    assert kind == "MT19937"
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached)}
 
 
 def export_policy(policy: Any, tok: Any, out: Path) -> None:

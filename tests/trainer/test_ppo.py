@@ -209,3 +209,30 @@ def test_bf16_policy_trains_and_logs_to_tensorboard(reward_server: LiveServer, s
     assert {"reward/utility", "objective/kl", "losses/policy", "time/update"} <= tags
     assert [e.step for e in events.Scalars("reward/utility")] == [1, 2]
     assert events.Scalars("reward/utility")[1].value == pytest.approx(result["history"][1]["reward/utility"], abs=1e-5)
+
+
+def test_a_checkpoint_restores_every_generator_and_loads_without_pickle(tmp_path: Path) -> None:
+    import pickle
+    import random
+
+    import torch
+
+    model = torch.nn.Linear(3, 1)
+    head = ppo.ValueHead(3)
+    opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(5)
+    np.random.normal()  # a cached Gaussian is part of NumPy's state
+    ppo.save_checkpoint(tmp_path / "ckpt.pt", 7, model, head, opt)
+    expected = (random.random(), np.random.normal(size=3).tolist(), torch.rand(3).tolist())
+    torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain tensors and values: no pickled objects inside
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(99)
+    assert ppo.load_checkpoint(tmp_path / "ckpt.pt", model, head, opt) == 7
+    assert (random.random(), np.random.normal(size=3).tolist(), torch.rand(3).tolist()) == expected
+    evil = tmp_path / "evil.pt"
+    torch.save({"step": 1, "policy": {}, "payload": Path("x")}  # an arbitrary object, evil)
+    with pytest.raises(pickle.UnpicklingError):
+        ppo.load_checkpoint(evil, model, head, opt)
