@@ -260,8 +260,8 @@ def load_checkpoint(path: Path, policy: Any, head: ValueHead, opt: torch.optim.O
 
 def _numpy_rng_state() -> dict[str, Any]:
     """NumPy's generator state as a tensor and plain numbers, so a checkpoint loads with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    assert kind == "MT19937"
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    assert kind == "MT19937" and isinstance(keys, np.ndarray)
     return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached)}
 

@@ -233,6 +233,6 @@ def test_a_checkpoint_restores_every_generator_and_loads_without_pickle(tmp_path
     assert ppo.load_checkpoint(tmp_path / "ckpt.pt", model, head, opt) == 7
     assert (random.random(), np.random.normal(size=3).tolist(), torch.rand(3).tolist()) == expected
     evil = tmp_path / "evil.pt"
-    torch.save({"step": 1, "policy": {}, "payload": Path("x")}  # an arbitrary object, evil)
+    torch.save({"step": 1, "policy": {}, "payload": Path("x")}, evil)  # an arbitrary object
     with pytest.raises(pickle.UnpicklingError):
         ppo.load_checkpoint(evil, model, head, opt)
