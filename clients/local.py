@@ -20,9 +20,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import httpx
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 def free_port() -> int:
@@ -45,10 +48,15 @@ def stop_process(proc: subprocess.Popen, log: Any = None, grace_s: float = 30) -
     return int(proc.returncode)
 
 
-class LocalService:
-    def __init__(self, config: str | Path | None = None, log_path: str | Path | None = None,
-                 env: dict[str, str] | None = None, port: int | None = None) -> None:
-        self.port = port or free_port()
+class ServerProcess:
+    """A server subprocess (``cmd``) answering on ``port`` of 127.0.0.1, its output in ``log_path``.
+
+    ``wait_ready`` polls ``/ready``; used as a context manager it waits, and stops the process on
+    the way out (or when it never became ready)."""
+
+    def __init__(self, cmd: list[str], port: int, log_path: str | Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="logand-serve-", suffix=".log")
@@ -56,24 +64,21 @@ class LocalService:
             log_path = name
         self.log_path = Path(log_path)
         self._log = self.log_path.open("wb")
-        cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        if config is not None:
-            cmd += ["--config", str(config)]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parent.parent)
 
-    def wait_ready(self, timeout: float = 300.0, headers: dict[str, str] | None = None) -> "LocalService":
+    def wait_ready(self, timeout: float = 300.0, headers: dict[str, str] | None = None) -> Self:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
                 if httpx.get(self.url + "/ready", timeout=2, headers=headers).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()[-3000:]}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -81,7 +86,7 @@ class LocalService:
     def stop(self) -> int:
         return stop_process(self.proc, self._log)
 
-    def __enter__(self) -> "LocalService":
+    def __enter__(self) -> Self:
         try:
             return self.wait_ready()
         except BaseException:
@@ -90,6 +95,16 @@ class LocalService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LocalService(ServerProcess):
+    def __init__(self, config: str | Path | None = None, log_path: str | Path | None = None,
+                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+        port = port or free_port()
+        cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        super().__init__(cmd, port, log_path, env)
 
 
 @contextlib.contextmanager

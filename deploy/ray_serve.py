@@ -60,8 +60,8 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from starlette.middleware import Middleware
 
 from service.api import create_app
+from service.api.middleware import ResponseTracker, send_error
 from service.config import Settings, load_settings
-from service.protocol import ErrorBody, ErrorResponse
 
 PROXY_CALLBACK = "deploy.ray_serve:proxy_middlewares"
 
@@ -83,24 +83,12 @@ class ReplicaLossAs503:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        await self.app(scope, receive, tracking_send)
-        if not started:
-            body = ErrorResponse(error=ErrorBody(
-                code="replica_unavailable",
-                message="the replica serving this request stopped before answering; retry")).model_dump_json(
-                    exclude_none=True).encode()
-            await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(self.retry_after_s).encode())]})
-            await send({"type": "http.response.body", "body": body})
+        tracker = ResponseTracker(send)
+        await self.app(scope, receive, tracker)
+        if not tracker.started:
+            await send_error(send, 503, "replica_unavailable",
+                             "the replica serving this request stopped before answering; retry",
+                             [(b"retry-after", str(self.retry_after_s).encode())])
 
 
 def proxy_middlewares() -> list[Middleware]:

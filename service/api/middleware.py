@@ -13,11 +13,24 @@ from ..protocol import ErrorBody, ErrorResponse
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
-async def _send_error(send: Any, status: int, code: str, message: str, headers: list | None = None) -> None:
+async def send_error(send: Any, status: int, code: str, message: str, headers: list | None = None) -> None:
     body = json.dumps(ErrorResponse(error=ErrorBody(code=code, message=message)).model_dump(exclude_none=True)).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + (headers or [])
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body})
+
+
+class ResponseTracker:
+    """An ASGI ``send`` that remembers whether the response has started (``started``)."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 class _BodyTooLarge(HTTPException):
@@ -48,13 +61,13 @@ class GuardMiddleware:
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
-                await _send_error(send, 401, "unauthorized",
+                await send_error(send, 401, "unauthorized",
                                   "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                   [(b"www-authenticate", b"Bearer")])
                 return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await _send_error(send, 413, "too_large",
+            await send_error(send, 413, "too_large",
                               f"request body is {int(length)} bytes, over the limit of {self.max_body_bytes}")
             return
         seen = 0
@@ -69,16 +82,9 @@ class GuardMiddleware:
                     raise _BodyTooLarge(limit)
             return message
 
-        started = False
-
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracker = ResponseTracker(send)
         try:
-            await self.app(scope, guarded_receive, tracking_send)
+            await self.app(scope, guarded_receive, tracker)
         except _BodyTooLarge as exc:
-            if not started:
-                await _send_error(send, 413, "too_large", str(exc.detail))
+            if not tracker.started:
+                await send_error(send, 413, "too_large", str(exc.detail))

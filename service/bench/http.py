@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,53 +13,36 @@ from typing import Any, Sequence
 import httpx
 import yaml
 
-from clients.local import free_port, stop_process
-
-REPO = Path(__file__).resolve().parents[2]
+from clients.local import ServerProcess, free_port
 
 
-class Server:
+
+class Server(ServerProcess):
     """A server subprocess on a free loopback port; ``kind`` 'service' (logand serve) or 'naive'."""
 
     def __init__(self, kind: str, model: dict[str, Any], workdir: Path, threads: int | None,
                  engine: dict[str, Any] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"{kind}-{self.port}.log"
         if kind == "service":
             config = {
                 "models": [{**model, "name": "m", "reference": {"type": "none"}}],
                 "engine": {**(engine or {}), **({"threads": threads} if threads else {})},
-                "server": {"host": "127.0.0.1", "port": self.port, "log_level": "warning"},
+                "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
             }
-            cfg_path = workdir / f"service-{self.port}.yaml"
+            cfg_path = workdir / f"service-{port}.yaml"
             cfg_path.write_text(yaml.safe_dump(config))
             cmd = [sys.executable, "-m", "service", "serve", "--config", str(cfg_path)]
         else:
             cmd = [sys.executable, "-m", "service.bench.naive", "--model", model["path"],
                    "--backend", model.get("backend", "torch"), "--dtype", model.get("dtype", "float32"),
                    "--device", model.get("device", "cpu"), "--quantize", model.get("quantize", "none"),
-                   "--port", str(self.port)]
+                   "--port", str(port)]
             if model.get("max_length"):
                 cmd += ["--max-length", str(model["max_length"])]
             if threads:
                 cmd += ["--threads", str(threads)]
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
-
-    def wait_ready(self, timeout: float = 600.0) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+        super().__init__(cmd, port, workdir / f"{kind}-{port}.log")
 
     def rss(self) -> dict[str, float]:
         """Current and peak resident set size of the server process, MiB (Linux /proc)."""
@@ -76,19 +57,6 @@ class Server:
 
             out["rss_mib"] = round(psutil.Process(self.proc.pid).memory_info().rss / 2**20, 1)
         return out
-
-    def stop(self) -> None:
-        stop_process(self.proc, self._log)
-
-    def __enter__(self) -> "Server":
-        try:
-            return self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def bodies(items: Sequence[tuple[str, str]], per_request: int) -> list[dict[str, Any]]:
