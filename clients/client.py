@@ -112,6 +112,18 @@ class _Base:
                 body[key] = value
         return body
 
+    @staticmethod
+    def _utility_body(rewards: Sequence[dict[str, float]], references: Sequence[dict[str, float]] | None,
+                      method: str | None, weights: dict[str, float] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"rewards": list(rewards)}
+        if references is not None:
+            body["references"] = list(references)
+        if method:
+            body["method"] = method
+        if weights:
+            body["weights"] = weights
+        return body
+
 
 class RewardClient(_Base):
     """Synchronous client; use as a context manager or call :meth:`close`."""
@@ -161,13 +173,8 @@ class RewardClient(_Base):
 
     def utility(self, rewards: Sequence[dict[str, float]], references: Sequence[dict[str, float]] | None = None,
                 method: str | None = None, weights: dict[str, float] | None = None) -> UtilityResponse:
-        body: dict[str, Any] = {"rewards": list(rewards)}
-        if references is not None:
-            body["references"] = list(references)
-        if method:
-            body["method"] = method
-        if weights:
-            body["weights"] = weights
+        """Transform and combine rewards already computed (no model call)."""
+        body = self._utility_body(rewards, references, method, weights)
         return UtilityResponse.model_validate(self.request("POST", "/v1/utility", body))
 
     def models(self) -> dict[str, Any]:
@@ -223,6 +230,20 @@ class AsyncRewardClient(_Base):
                                    allow_truncation) for p in parts]
         answers = await asyncio.gather(*(self.request("POST", "/v1/score", b) for b in bodies))
         return [r for a in answers for r in ScoreResponse.model_validate(a).results]
+
+    async def utility(self, rewards: Sequence[dict[str, float]], references: Sequence[dict[str, float]] | None = None,
+                      method: str | None = None, weights: dict[str, float] | None = None) -> UtilityResponse:
+        body = self._utility_body(rewards, references, method, weights)
+        return UtilityResponse.model_validate(await self.request("POST", "/v1/utility", body))
+
+    async def models(self) -> dict[str, Any]:
+        return dict(await self.request("GET", "/v1/models"))
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/ready")).status_code == 200
+        except httpx.TransportError:
+            return False
 
 
 def _slice_references(references: dict[str, Any] | None, part: slice) -> dict[str, Any] | None:

@@ -33,6 +33,21 @@ async def test_async_client_matches_sync(live_server: LiveServer) -> None:
     assert [r.utility for r in results] == pytest.approx([r.utility for r in expected], abs=1e-4)
 
 
+async def test_async_client_has_the_sync_clients_calls(live_server: LiveServer) -> None:
+    rewards = [{"enc": 0.5, "dec": -1.0}, {"enc": 2.0, "dec": 0.25}]
+    refs = [{"enc": 0.0, "dec": 0.0}, {"enc": 1.0, "dec": 1.0}]
+    async with AsyncRewardClient(live_server.url) as client:
+        assert await client.ready()
+        models = await client.models()
+        got = await client.utility(rewards, refs, method="log_sigmoid_sum")
+    with RewardClient(live_server.url) as rc:
+        assert models == rc.models()
+        expected = rc.utility(rewards, refs, method="log_sigmoid_sum")
+    assert got == expected and len(got.results) == 2
+    async with AsyncRewardClient("http://127.0.0.1:9", max_retries=0) as dead:
+        assert not await dead.ready()
+
+
 def test_bad_input_is_not_retried(live_server: LiveServer) -> None:
     with RewardClient(live_server.url, backoff_s=5) as rc, pytest.raises(RequestRejected) as exc:
         rc.score(PAIRS[:1], models=["nope"])
