@@ -96,6 +96,22 @@ def test_bf16_tracks_fp32(tiny_bert: Path) -> None:
     np.testing.assert_allclose(bf16.score(encoded), fp32.score(encoded), atol=0.05)
 
 
+def test_bf16_on_a_cpu_without_it_warns_and_the_probe_matches_the_kernels_flags(
+        tiny_bert: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from service.backends.modeling import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags = cpuinfo.read_text()
+        assert native == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    with caplog.at_level("WARNING", logger="service.backends"):
+        backend_for(tiny_bert, dtype="bfloat16")
+    warned = [r.getMessage() for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1), warned
+    assert all("'m'" in w and "dtype: float32" in w for w in warned)
+
+
 def test_multi_label_model_is_refused(tmp_path: Path) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 

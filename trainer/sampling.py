@@ -34,11 +34,9 @@ def default_dtype(device: str) -> str:
     """bf16 on GPUs and on CPUs with native bf16 matmuls (AVX-512 BF16 / AMX), else fp32."""
     if device.startswith("cuda"):
         return "bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    from service.backends.modeling import cpu_has_native_bf16
+
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 def clean_text(text: str) -> tuple[str, bool]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.backends.base import pad_batch
-from service.backends.modeling import is_decoder_config, reward_forward, unwrap
+from service.backends.modeling import cpu_has_native_bf16, is_decoder_config, reward_forward, unwrap
 from service.formatting import Encoded, Formatter, Style
 from service.modelpath import DEFAULT_BACKBONE, resolve_model_path
 from trainer.data import SPLITS, DataError, PreferencePair, length_batches, load_many, split_pairs
@@ -105,24 +105,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def cpu_bf16_supported() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX); private torch
-    helpers, so every probe is guarded."""
-    probes = [getattr(torch.cpu, "_is_avx512_bf16_supported", None),
-              getattr(torch.cpu, "_is_amx_tile_supported", None)]
-    for probe in probes:
-        try:
-            if probe is not None and probe():
-                return True
-        except Exception:  # noqa: BLE001 - a missing/broken probe means "unknown", i.e. no
-            continue
-    return False
-
-
 def bf16_default(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    return device.type == "cpu" and cpu_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def default_style(decoder: bool, tokenizer: Any) -> Style:
