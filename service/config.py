@@ -97,7 +97,8 @@ class EngineConfig(_Section):
     )
     max_queue_items: int = Field(8192, ge=1, description="items waiting per model before 429")
     batch_timeout_s: float = Field(120.0, gt=0, description="a forward pass taking longer fails its batch (504)")
-    threads: int | None = Field(None, ge=1, description="torch/onnxruntime CPU threads; default: all cores")
+    threads: int | None = Field(None, ge=1, description="torch/onnxruntime CPU threads; default: torch's own (one per physical core), "
+                                 "capped at the CPUs the affinity mask and cgroup quota allow")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429/503")
 
 

@@ -17,6 +17,7 @@ from typing import Awaitable, Sequence, TypeVar
 from . import protocol as p
 from .backends import Backend, load_backend
 from .config import ModelConfig, Settings
+from .cpus import cpu_budget
 from .engine import BatchPolicy, Engine, EngineObserver
 from .errors import InvalidRequest, NotReady, TooLarge
 from .formatting import Encoded, Prompt, ResponseTooLongError
@@ -86,10 +87,14 @@ class ScoringService:
     async def start(self) -> None:
         """Load every model (fails naming the model that cannot load), warm up, then ready."""
         base = Path(self.settings.base_dir) if self.settings.base_dir else None
-        threads = self.settings.engine.threads
-        if threads:
-            import torch
+        import torch
 
+        threads = self.settings.engine.threads
+        if not threads and torch.get_num_threads() > (budget := cpu_budget()):
+            log.info("engine.threads unset: %d CPU threads, not torch's %d (the affinity mask and cgroup quota "
+                     "allow %d)", budget, torch.get_num_threads(), budget)
+            threads = budget
+        if threads:
             torch.set_num_threads(threads)
         for cfg in self.settings.models:
             t0 = time.perf_counter()
