@@ -39,7 +39,8 @@ def reward_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServ
     tmp = tmp_path_factory.mktemp("ppo_rm")
     make_tiny_bert(tmp / "bert", seed=12)
     write_separable(tmp / "pairs.jsonl", n=300)
-    result = tr.train_rm(base_args(tmp, str(tmp / "bert"), "rm"))
+    # fp32 everywhere: with bf16 autocast on CPUs that have it, the reward model (and PPO's course) would differ
+    result = tr.train_rm(base_args(tmp, str(tmp / "bert"), "rm", bf16=False))
     server = LiveServer({"models": [{"name": "enc", "path": str(result.out), "device": "cpu", "dtype": "float32"}],
                          "engine": {"max_wait_ms": 2, "threads": 1}}, tmp)
     try:
