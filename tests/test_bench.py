@@ -54,7 +54,13 @@ def test_bench_quick_runs_end_to_end(tiny_bert: Path, tmp_path: Path, capsys) ->
         assert model["http"][name]["one_item"]["items_per_s"] > 0 and model["http"][name]["peak_rss_mib"] > 0
     assert model["http"]["service torch-float32"]["bulk_64"]["p99_ms"] > 0
     assert set(model["ratios"]) >= {"service_vs_naive_fp32", "bulk_vs_inprocess_best", "lone_budget_ms"}
-    assert "| in-process | torch-float32 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| in-process | torch-float32 |" in printed
+    from service.backends.modeling import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    assert doc["machine"]["native_bf16"] is native
+    assert ("bfloat16" in printed) and (("(emulated: no AVX-512 BF16 or AMX)" in printed) is not native)
 
 
 def test_bench_skips_clearly_without_data(tmp_path: Path, capsys) -> None:

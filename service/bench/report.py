@@ -9,12 +9,20 @@ def _f(value: Any, spec: str = ".1f") -> str:
     return "" if value is None else format(value, spec)
 
 
+def limits_line(doc: dict[str, Any], unit: str = "GFLOP/s") -> str:
+    """The matmul limits, one decimal under 10 G; bf16 marked where the CPU emulates it."""
+    emulated = doc.get("machine", {}).get("native_bf16") is False
+    return ", ".join(f"{d} {v / 1e9:.{0 if v >= 1e10 else 1}f} {unit}"
+                     + (" (emulated: no AVX-512 BF16 or AMX)" if emulated and d == "bfloat16" else "")
+                     for d, v in doc["limits"].items())
+
+
 def table(doc: dict[str, Any]) -> str:
     m = doc.get("machine", {})
     lines = [f"machine: {m.get('processor')} ({m.get('cores')} cores, torch threads {m.get('torch_threads')}), "
              f"device {m.get('device')}{' ' + m['gpu'] if m.get('gpu') else ''}"]
     if "limits" in doc:
-        lines.append("matmul limit: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in doc["limits"].items()))
+        lines.append("matmul limit: " + limits_line(doc))
     for r in doc.get("models", []):
         if "skipped" in r:
             lines += ["", f"### {r['model']}: skipped ({r['skipped']})"]

@@ -16,7 +16,7 @@ from typing import Any
 from . import http
 from .measure import (Throughput, best_of_k_items, build_decoder_rm, forward_time, items_of, load_pairs,
                       matmul_flops, non_embedding_params, pairwise_agreement, policies, run_batched)
-from .report import table
+from .report import limits_line, table
 
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..backends.modeling import resolve_device
+    from ..backends.modeling import cpu_has_native_bf16, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -265,7 +265,8 @@ def _run(args: argparse.Namespace) -> int:
         "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "device": device, "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
-                    "load_average_at_start": os.getloadavg()},
+                    "load_average_at_start": os.getloadavg(),
+                    "native_bf16": device.startswith("cuda") or cpu_has_native_bf16()},
         "quick": args.quick, "models": [],
     }
     n_pairs = max(args.items, args.decoder_items, args.naive_items) // 2 + 64
@@ -274,9 +275,12 @@ def _run(args: argparse.Namespace) -> int:
         doc["soak"] = _soak(args, device, pairs)
     else:
         dtypes = ["float32", "bfloat16"] + (["float16"] if device.startswith("cuda") else [])
-        doc["limits"] = {d: matmul_flops(d, device, n=_matmul_n(args, device), seconds=0.3 if args.quick else 2.0)
+        # emulated bf16 runs near 1 GFLOP/s: a 2048² product would take ~20 s a round, so a small one
+        doc["limits"] = {d: matmul_flops(d, device, seconds=0.3 if args.quick else 2.0,
+                                         n=256 if d == "bfloat16" and not doc["machine"]["native_bf16"]
+                                         else _matmul_n(args, device))
                          for d in dtypes}
-        log("matmul FLOP/s: " + ", ".join(f"{d} {v / 1e9:.0f} G" for d, v in doc["limits"].items()))
+        log("matmul FLOP/s: " + limits_line(doc, "G"))
         for name in args.models:
             try:
                 doc["models"].append(bench_model(name, args, device, pairs))
