@@ -22,6 +22,7 @@ Errors, all raised ``from`` the underlying exception:
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from typing import Any, Iterator, Sequence
@@ -257,3 +258,15 @@ def _slice_references(references: dict[str, Any] | None, part: slice) -> dict[st
         else:
             out[name] = ref
     return out
+
+
+_env_clients: dict[tuple[str, str | None], RewardClient] = {}
+
+
+def client_from_env() -> RewardClient:
+    """The process's client for trainer-side hooks (verl, OpenRLHF reward functions), one per
+    ``LOGAND_URL`` (default ``http://127.0.0.1:8000``) and ``LOGAND_API_KEY``; 10 retries."""
+    key = (os.environ.get("LOGAND_URL", "http://127.0.0.1:8000"), os.environ.get("LOGAND_API_KEY") or None)
+    if key not in _env_clients:
+        _env_clients[key] = RewardClient(key[0], api_key=key[1], max_retries=10)
+    return _env_clients[key]

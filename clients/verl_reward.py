@@ -24,19 +24,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from clients.client import RewardClient
+from clients.client import client_from_env
 from clients.trainers import EMPTY_UTILITY, as_pair
-
-_client: RewardClient | None = None
-
-
-def _shared_client() -> RewardClient:
-    global _client
-    if _client is None:
-        _client = RewardClient(os.environ.get("LOGAND_URL", "http://127.0.0.1:8000"),
-                               api_key=os.environ.get("LOGAND_API_KEY") or None, max_retries=10)
-    return _client
-
 
 def _prompt_of(extra_info: Any, index: int) -> Any:
     prompt = extra_info.get("prompt") if isinstance(extra_info, dict) else None
@@ -52,7 +41,7 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
     pairs = [as_pair(_prompt_of(info, i), s) for i, (s, info) in enumerate(zip(solution_strs, extra_infos, strict=True))]
     models = [m for m in os.environ.get("LOGAND_MODELS", "").split(",") if m] or None
     todo = [p for p in pairs if p[1].strip()]
-    results = iter(_shared_client().score(todo, models=models, method=os.environ.get("LOGAND_METHOD") or None,
+    results = iter(client_from_env().score(todo, models=models, method=os.environ.get("LOGAND_METHOD") or None,
                                           allow_truncation=True) if todo else [])
     empty = float(os.environ.get("LOGAND_EMPTY_UTILITY", EMPTY_UTILITY))
     out = []

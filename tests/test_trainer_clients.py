@@ -83,3 +83,44 @@ async def test_an_empty_completion_gets_the_empty_utility_not_an_error(live_serv
     got = LogandReward(live_server.url, models=["enc"])(PROMPTS, ["", COMPLETIONS[1]])
     assert got[0] == EMPTY_UTILITY and got[1] == pytest.approx(_expected(live_server, [(PROMPTS[1], COMPLETIONS[1])])[0]["utility"], abs=1e-5)
     assert await AsyncLogandReward(live_server.url, models=["enc"])(PROMPTS[:1], ["  "]) == [EMPTY_UTILITY]
+
+
+def test_openrlhf_reward_file_reaches_a_keyed_service(tiny_bert: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenRLHF's URL mode sends no Authorization header; its .py mode runs this file, which does."""
+    import torch
+
+    from tests.conftest import enc_dec_config
+
+    config = enc_dec_config(tiny_bert, tiny_bert)
+    del config["models"][1]
+    server = LiveServer(config, tmp_path, env={"LOGAND_API_KEY": "k-openrlhf"})
+    try:
+        server.wait_ready(headers={"Authorization": "Bearer k-openrlhf"})
+        queries = [p + c for p, c in zip(PROMPTS, COMPLETIONS)] * 3
+        prompts = PROMPTS * 3
+        assert httpx.post(server.url + "/get_reward", json={"query": queries, "prompts": prompts}).status_code == 401
+        direct = httpx.post(server.url + "/get_reward", json={"query": queries, "prompts": prompts},
+                            headers={"Authorization": "Bearer k-openrlhf"}).json()
+        spec = importlib.util.spec_from_file_location("openrlhf_reward_file", Path("clients/openrlhf_reward.py").resolve())
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)  # loaded from its path, as OpenRLHF does
+        spec.loader.exec_module(module)
+        monkeypatch.setenv("LOGAND_URL", server.url)
+        monkeypatch.setenv("LOGAND_API_KEY", "k-openrlhf")
+        from clients.client import client_from_env
+
+        monkeypatch.setattr(client_from_env(), "chunk_size", 4)  # 6 queries: two requests, joined in order
+        out = module.reward_func(queries, prompts, ["label"] * 6)
+        assert out["rewards"].dtype == torch.float32 and out["rewards"].shape == (6,)
+        assert out["rewards"].tolist() == pytest.approx(direct["rewards"], abs=1e-5)
+        assert out["scores"].tolist() == pytest.approx(direct["scores"], abs=1e-5)
+        assert set(out["extra_logs"]) == set(direct["extra_logs"]) == {"enc/reward", "enc/utility", "enc/truncated"}
+        assert out["extra_logs"]["enc/reward"].tolist() == pytest.approx(direct["extra_logs"]["enc/reward"], abs=1e-5)
+        monkeypatch.setenv("LOGAND_API_KEY", "wrong")
+        from clients.client import RequestRejected
+
+        with pytest.raises(RequestRejected, match="401"):
+            module.reward_func(queries[:1], prompts[:1])
+    finally:
+        server.stop()
