@@ -256,8 +256,7 @@ class _Faulty:
         return [float("nan") if "drug" in t else s for t, s in zip(texts, scores)]
 
 
-@pytest.fixture
-async def faulty_client(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+async def _faulty_app(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, batch_timeout_s: float) -> Any:
     from transformers import AutoTokenizer
 
     from service import scoring
@@ -267,8 +266,21 @@ async def faulty_client(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> Any
     real_load = scoring.load_backend
     monkeypatch.setattr(scoring, "load_backend", lambda *a, **k: _Faulty(real_load(*a, **k), tokenizer))
     settings = make_settings([{"name": "m", "path": str(tiny_bert), "dtype": "float32", "device": "cpu"}],
-                             engine={"batch_timeout_s": 1.0, "max_wait_ms": 50, "max_queue_items": 4})
+                             engine={"batch_timeout_s": batch_timeout_s, "max_wait_ms": 50, "max_queue_items": 4})
     async for c in asgi_client(settings):
+        yield c
+
+
+@pytest.fixture
+async def faulty_client(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    async for c in _faulty_app(tiny_bert, monkeypatch, batch_timeout_s=1.0):
+        yield c
+
+
+@pytest.fixture
+async def slow_faulty_client(tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A 2.5 s batch timeout: the hung batch (3 s) holds the queue full long enough to look."""
+    async for c in _faulty_app(tiny_bert, monkeypatch, batch_timeout_s=2.5):
         yield c
 
 
@@ -295,11 +307,18 @@ async def test_faults_fail_only_their_items_and_the_service_stays_ready(faulty_c
     assert (await c.get("/ready")).status_code == 200
 
 
-async def test_readiness_is_false_while_a_queue_is_full(faulty_client: httpx.AsyncClient) -> None:
-    c = faulty_client
+async def test_readiness_is_false_while_a_queue_is_full(slow_faulty_client: httpx.AsyncClient) -> None:
+    c = slow_faulty_client
     busy = asyncio.ensure_future(c.post("/v1/score", json=_req(*["snow"] * 4)))  # fills the queue of 4
-    await asyncio.sleep(0.4)
-    r = await c.get("/ready")
-    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and r.headers["Retry-After"]
+    # Polled, not slept: the queue is full from the request's admission until its batch times out
+    # (a fixed 0.4 s wait once looked before the admission in a fresh-clone run).
+    r, deadline = None, time.monotonic() + 2.0
+    while not busy.done() and time.monotonic() < deadline:
+        r = await c.get("/ready")
+        if r.status_code == 503:
+            break
+        await asyncio.sleep(0.05)
+    assert r is not None and r.status_code == 503, f"/ready never said overloaded while the queue was full: {r}"
+    assert r.json()["error"]["code"] == "overloaded" and r.headers["Retry-After"]
     assert (await busy).status_code == 504
     assert (await c.get("/ready")).status_code == 200
