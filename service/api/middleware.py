@@ -62,13 +62,13 @@ class GuardMiddleware:
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
                 await send_error(send, 401, "unauthorized",
-                                  "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                  [(b"www-authenticate", b"Bearer")])
+                                 "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 [(b"www-authenticate", b"Bearer")])
                 return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             await send_error(send, 413, "too_large",
-                              f"request body is {int(length)} bytes, over the limit of {self.max_body_bytes}")
+                             f"request body is {int(length)} bytes, over the limit of {self.max_body_bytes}")
             return
         seen = 0
         limit = self.max_body_bytes
